@@ -1,0 +1,25 @@
+"""bn-ref: the reference for Batch Normalization across frameworks.
+
+``import bn_ref`` needs NumPy only. The framework backends are subpackages imported on demand:
+``bn_ref.torch`` (PyTorch), ``bn_ref.jax`` and ``bn_ref.flax`` (JAX, Flax linen and NNX).
+The normative text is ``docs/spec.md``; :mod:`bn_ref.oracle` is its executable form.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+from .conventions import DEFAULT, PRESETS, Convention, get_convention, resolve
+
+__version__ = "0.1.0"
+
+__all__ = ["Convention", "PRESETS", "DEFAULT", "get_convention", "resolve", "oracle", "tolerances", "__version__"]
+
+_LAZY = {"oracle", "tolerances", "torch", "jax", "flax", "conformance", "port", "data", "training"}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        return importlib.import_module(f".{name}", __name__)
+    raise AttributeError(f"module 'bn_ref' has no attribute {name!r}")

@@ -1,0 +1,245 @@
+"""Conventions: every choice on which real Batch Normalization implementations disagree.
+
+A :class:`Convention` is a frozen record of seven fields. The oracle and every backend take one
+(or a preset name) and read every numerical policy from it; no backend keeps its own copy of eps,
+momentum or the running-variance estimator. The meaning of each field is defined in
+``docs/spec.md``; the section is cited next to each rule below.
+
+Presets reproduce the defaults of real frameworks (see ``docs/spec.md`` §9)::
+
+    >>> import bn_ref
+    >>> bn_ref.get_convention("pytorch").momentum
+    0.1
+    >>> import dataclasses
+    >>> dataclasses.replace(bn_ref.PRESETS["pytorch"], name="pytorch-cma", momentum=None).momentum is None
+    True
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from dataclasses import dataclass, replace
+from types import MappingProxyType
+from typing import Final, Literal, Mapping, Union
+
+__all__ = [
+    "Convention",
+    "PRESETS",
+    "PRESET_DOCS",
+    "DEFAULT",
+    "get_convention",
+    "resolve",
+]
+
+MomentumOn = Literal["batch", "running"]
+RunningVar = Literal["unbiased", "biased"]
+SingleValue = Literal["error", "allow"]
+
+_MOMENTUM_ON = ("batch", "running")
+_RUNNING_VAR = ("unbiased", "biased")
+_SINGLE_VALUE = ("error", "allow")
+
+
+def _is_real_number(value: object) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+@dataclass(frozen=True)
+class Convention:
+    """The numerical policy of one Batch Normalization implementation.
+
+    Fields (``docs/spec.md`` §1 and §3):
+
+    * ``name`` -- a label, used in reports and error messages.
+    * ``eps`` -- added to the variance inside the square root, in training and in eval (§2, §4).
+    * ``momentum`` -- the framework's own momentum number, as its users write it; ``None``
+      means the cumulative (simple) average of all batch statistics so far (§3.3).
+    * ``momentum_on`` -- which term ``momentum`` multiplies in the running update (§3.1, §3.2):
+      ``"batch"``:   ``r <- (1 - m) * r + m * b``   (PyTorch);
+      ``"running"``: ``r <- m * r + (1 - m) * b``   (Flax, Keras, ONNX, the book's classic layer).
+    * ``running_var`` -- the estimator fed into the running variance (§3.4): ``"unbiased"``
+      multiplies the biased batch variance by ``n / (n - 1)``; ``"biased"`` stores it as is.
+      Normalization itself always uses the biased batch variance (§2.1).
+    * ``feature_axis`` -- the axis that holds the features/channels: 1 for (N, C, ...), -1 for
+      (N, ..., C) (§6).
+    * ``single_value`` -- what training with exactly one value per channel (n = 1) does (§7.1):
+      ``"error"`` raises ``ValueError``; ``"allow"`` computes var = 0, so the output equals beta.
+
+    Derive variants with :func:`dataclasses.replace`; every field is validated on construction.
+    """
+
+    name: str
+    eps: float
+    momentum: float | None
+    momentum_on: MomentumOn
+    running_var: RunningVar
+    feature_axis: int
+    single_value: SingleValue
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.name, str):
+            raise TypeError(f"Convention.name must be a str; got {type(self.name).__name__}")
+        if not _is_real_number(self.eps):
+            raise TypeError(f"Convention.eps must be a real number; got {self.eps!r}")
+        if not (math.isfinite(self.eps) and self.eps > 0):
+            raise ValueError(f"Convention.eps must be finite and > 0; got {self.eps!r}")
+        if self.momentum is not None:
+            if not _is_real_number(self.momentum):
+                raise TypeError(
+                    f"Convention.momentum must be a real number in [0, 1] or None; got {self.momentum!r}"
+                )
+            if not 0.0 <= self.momentum <= 1.0:
+                raise ValueError(f"Convention.momentum must lie in [0, 1] or be None; got {self.momentum!r}")
+        if self.momentum_on not in _MOMENTUM_ON:
+            raise ValueError(f"Convention.momentum_on must be one of {_MOMENTUM_ON}; got {self.momentum_on!r}")
+        if self.running_var not in _RUNNING_VAR:
+            raise ValueError(f"Convention.running_var must be one of {_RUNNING_VAR}; got {self.running_var!r}")
+        if not isinstance(self.feature_axis, numbers.Integral) or isinstance(self.feature_axis, bool):
+            raise TypeError(f"Convention.feature_axis must be an int; got {self.feature_axis!r}")
+        if self.single_value not in _SINGLE_VALUE:
+            raise ValueError(f"Convention.single_value must be one of {_SINGLE_VALUE}; got {self.single_value!r}")
+
+    # -- the rules every backend shares -------------------------------------------------------
+
+    def update_weights(self, count: int) -> tuple[float, float]:
+        """Weights ``(w_running, w_batch)`` of the running update at training step ``count + 1``.
+
+        The new running statistic is ``w_running * r + w_batch * b`` (``docs/spec.md`` §3):
+
+        * ``momentum_on="batch"``:   ``(1 - m, m)``                      (§3.1)
+        * ``momentum_on="running"``: ``(m, 1 - m)``                      (§3.2)
+        * ``momentum=None``:         ``(1 - 1/k, 1/k)`` with ``k = count + 1``  (§3.3)
+
+        ``count`` is the number of training steps already taken (PyTorch's ``num_batches_tracked``
+        before it is incremented).
+        """
+        if not isinstance(count, numbers.Integral) or isinstance(count, bool) or count < 0:
+            raise ValueError(f"count must be an int >= 0 (training steps already taken); got {count!r}")
+        if self.momentum is None:
+            k = int(count) + 1
+            return 1.0 - 1.0 / k, 1.0 / k
+        m = float(self.momentum)
+        if self.momentum_on == "batch":
+            return 1.0 - m, m
+        return m, 1.0 - m
+
+    def variance_correction(self, n: int) -> float:
+        """Factor applied to the biased batch variance before it enters the running variance (§3.4).
+
+        ``n / (n - 1)`` for ``running_var="unbiased"`` and ``n > 1``; 1 otherwise. With n = 1 the
+        unbiased estimator is undefined; conventions that allow n = 1 use the factor 1 (as
+        TensorFlow's fused kernel does), see §7.1.
+        """
+        if self.running_var == "unbiased" and n > 1:
+            return n / (n - 1)
+        return 1.0
+
+    @property
+    def description(self) -> str:
+        """One line saying which framework and version this convention reproduces (presets only)."""
+        return PRESET_DOCS.get(self.name, f"custom convention {self.name!r}")
+
+
+class _Default:
+    """Sentinel: "use the convention's value". Lets callers still pass ``momentum=None``."""
+
+    _instance: "_Default | None" = None
+
+    def __new__(cls) -> "_Default":
+        if cls._instance is None:
+            cls._instance = super().__new__(cls)
+        return cls._instance
+
+    def __repr__(self) -> str:
+        return "DEFAULT"
+
+    def __reduce__(self) -> str:
+        return "DEFAULT"
+
+
+DEFAULT: Final = _Default()
+"""Sentinel for backend arguments that default to the convention's own value."""
+
+
+PYTORCH = Convention("pytorch", 1e-5, 0.1, "batch", "unbiased", 1, "error")
+"""PyTorch 1.x-2.x ``torch.nn.BatchNorm1d/2d/3d`` and ``F.batch_norm`` defaults (checked on torch 2.13)."""
+
+FLAX = Convention("flax", 1e-5, 0.99, "running", "biased", -1, "allow")
+"""Flax 0.12 ``flax.linen.BatchNorm`` / ``flax.nnx.BatchNorm`` defaults (statistics as with use_fast_variance=False)."""
+
+KERAS = Convention("keras", 1e-3, 0.99, "running", "biased", -1, "allow")
+"""Keras 3 ``keras.layers.BatchNormalization`` defaults (all backends)."""
+
+TF_FUSED = Convention("tf_fused", 1e-3, 0.99, "running", "unbiased", -1, "allow")
+"""tf.keras (Keras 2, TF 2.x) ``BatchNormalization`` on its fused path (4-D/5-D inputs), which stores the unbiased variance."""
+
+ONNX = Convention("onnx", 1e-5, 0.9, "running", "biased", 1, "allow")
+"""ONNX ``BatchNormalization`` opset 15 (14 too) attribute defaults, training_mode=1 for the running outputs."""
+
+D2L = Convention("d2l", 1e-5, 0.9, "running", "biased", 1, "allow")
+"""The d2l book's classic (0.17) from-scratch PyTorch layer: eps 1e-5, momentum 0.9 on the running term."""
+
+PRESET_DOCS: Mapping[str, str] = MappingProxyType(
+    {
+        "pytorch": "PyTorch 1.x-2.x torch.nn.BatchNorm*d / F.batch_norm defaults (checked on torch 2.13).",
+        "flax": "Flax 0.12 flax.linen.BatchNorm / flax.nnx.BatchNorm defaults, two-pass variance.",
+        "keras": "Keras 3 keras.layers.BatchNormalization defaults (all backends).",
+        "tf_fused": "tf.keras (Keras 2, TF 2.x) BatchNormalization on its fused path, unbiased running variance.",
+        "onnx": "ONNX BatchNormalization opset 15 defaults (training_mode=1 for running outputs).",
+        "d2l": "The d2l book's classic from-scratch PyTorch layer (0.17 edition): momentum 0.9 on the running term.",
+    }
+)
+
+PRESETS: Mapping[str, Convention] = MappingProxyType(
+    {c.name: c for c in (PYTORCH, FLAX, KERAS, TF_FUSED, ONNX, D2L)}
+)
+"""The presets by name, in a stable order."""
+
+ConventionLike = Union[str, Convention]
+
+
+def get_convention(convention: ConventionLike) -> Convention:
+    """Return the :class:`Convention` for a preset name, or ``convention`` itself if it is one.
+
+    Raises:
+        ValueError: unknown name (the message lists the valid names).
+        TypeError: neither a ``str`` nor a ``Convention``.
+    """
+    if isinstance(convention, Convention):
+        return convention
+    if isinstance(convention, str):
+        key = convention.strip().lower().replace("-", "_")
+        try:
+            return PRESETS[key]
+        except KeyError:
+            raise ValueError(
+                f"unknown convention {convention!r}; valid names are: {', '.join(PRESETS)}"
+            ) from None
+    raise TypeError(
+        f"convention must be a preset name (one of {', '.join(PRESETS)}) or a bn_ref.Convention; "
+        f"got {type(convention).__name__}"
+    )
+
+
+def resolve(
+    convention: ConventionLike,
+    *,
+    eps: float | None = None,
+    momentum: "float | None | _Default" = DEFAULT,
+    feature_axis: int | None = None,
+) -> Convention:
+    """The convention with per-layer overrides applied (validated like any Convention).
+
+    ``eps=None`` and ``feature_axis=None`` keep the convention's value; ``momentum=DEFAULT`` keeps
+    it, while ``momentum=None`` selects the cumulative average (§3.3).
+    """
+    conv = get_convention(convention)
+    changes: dict[str, object] = {}
+    if eps is not None:
+        changes["eps"] = eps
+    if momentum is not DEFAULT:
+        changes["momentum"] = momentum
+    if feature_axis is not None:
+        changes["feature_axis"] = feature_axis
+    return replace(conv, **changes) if changes else conv

@@ -1,0 +1,48 @@
+"""Task runner: ``nox -s conformance`` (the main job), ``nox -s tests``, ``nox -s lint``.
+
+Every session installs the package with its extras into a fresh virtual environment; the
+constraints file pins the PyTorch CPU build used in CI (see .ci/constraints.txt).
+"""
+
+from __future__ import annotations
+
+import os
+
+import nox
+
+nox.options.sessions = ["tests", "conformance", "lint"]
+nox.options.reuse_existing_virtualenvs = True
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+CONSTRAINTS = os.path.join(HERE, ".ci", "constraints.txt")
+EXTRAS = ".[torch,jax,frameworks,dev]"
+
+
+def _install(session: nox.Session) -> None:
+    session.install("-c", CONSTRAINTS, "-e", EXTRAS)
+
+
+@nox.session
+def tests(session: nox.Session) -> None:
+    """The test suite (CPU; CUDA tests run where a GPU is present)."""
+    _install(session)
+    session.run("python", "-m", "pytest", "-n", os.environ.get("BN_REF_TEST_WORKERS", "2"), *session.posargs)
+
+
+@nox.session
+def conformance(session: nox.Session) -> None:
+    """Check every BN implementation against the oracle and publish the matrix."""
+    _install(session)
+    session.run(
+        "python", "-m", "bn_ref.conformance",
+        "--json", os.path.join("conformance", "report.json"),
+        "--markdown", os.path.join("docs", "conformance.md"),
+        *session.posargs,
+    )
+
+
+@nox.session
+def lint(session: nox.Session) -> None:
+    """ruff over the package, tests and tooling."""
+    session.install("ruff>=0.5")
+    session.run("ruff", "check", "bn_ref", "tests", "noxfile.py", "benchmarks")
