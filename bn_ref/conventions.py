@@ -21,7 +21,7 @@ import math
 import numbers
 from dataclasses import dataclass, replace
 from types import MappingProxyType
-from typing import Final, Literal, Mapping, Union
+from typing import Any, Final, Literal, Mapping, Union
 
 __all__ = [
     "Convention",
@@ -102,7 +102,7 @@ class Convention:
 
     # -- the rules every backend shares -------------------------------------------------------
 
-    def update_weights(self, count: int) -> tuple[float, float]:
+    def update_weights(self, count: "int | Any") -> "tuple[Any, Any]":
         """Weights ``(w_running, w_batch)`` of the running update at training step ``count + 1``.
 
         The new running statistic is ``w_running * r + w_batch * b`` (``docs/spec.md`` §3):
@@ -112,28 +112,36 @@ class Convention:
         * ``momentum=None``:         ``(1 - 1/k, 1/k)`` with ``k = count + 1``  (§3.3)
 
         ``count`` is the number of training steps already taken (PyTorch's ``num_batches_tracked``
-        before it is incremented).
+        before it is incremented): a Python int, or an integer array (torch tensor, JAX value), in
+        which case the weights are arrays too. The momentum cases return Python floats.
         """
-        if not isinstance(count, numbers.Integral) or isinstance(count, bool) or count < 0:
-            raise ValueError(f"count must be an int >= 0 (training steps already taken); got {count!r}")
         if self.momentum is None:
-            k = int(count) + 1
-            return 1.0 - 1.0 / k, 1.0 / k
+            if isinstance(count, numbers.Number):
+                if not isinstance(count, numbers.Integral) or isinstance(count, bool) or count < 0:
+                    raise ValueError(f"count must be an int >= 0 (training steps already taken); got {count!r}")
+                k = int(count) + 1
+                return 1.0 - 1.0 / k, 1.0 / k
+            # An array count (a torch tensor, a traced JAX value): the same rule in array arithmetic.
+            w_b = 1.0 / (count + 1)
+            return 1.0 - w_b, w_b
         m = float(self.momentum)
         if self.momentum_on == "batch":
             return 1.0 - m, m
         return m, 1.0 - m
 
-    def variance_correction(self, n: int) -> float:
+    def variance_correction(self, n: "int | Any") -> Any:
         """Factor applied to the biased batch variance before it enters the running variance (§3.4).
 
         ``n / (n - 1)`` for ``running_var="unbiased"`` and ``n > 1``; 1 otherwise. With n = 1 the
         unbiased estimator is undefined; conventions that allow n = 1 use the factor 1 (as
         TensorFlow's fused kernel does), see §7.1.
         """
-        if self.running_var == "unbiased" and n > 1:
-            return n / (n - 1)
-        return 1.0
+        if self.running_var != "unbiased":
+            return 1.0
+        if isinstance(n, numbers.Number):
+            return n / (n - 1) if n > 1 else 1.0
+        # An array n (a global count under cross-device statistics): n / max(n - 1, 1).
+        return n / (n - 1).clip(1)
 
     @property
     def description(self) -> str:
