@@ -54,7 +54,11 @@ TOLERANCES: Mapping[str, Tolerance] = MappingProxyType(
 
 def tolerance(dtype: Any) -> Tolerance:
     """The :class:`Tolerance` of a dtype given by name or as a NumPy/torch/JAX dtype."""
-    name = str(dtype).replace("torch.", "").replace("<class 'jax.numpy.", "").rstrip("'>")
+    try:
+        name = np.dtype(dtype).name  # names, NumPy dtypes and scalar types, jnp dtypes, ml_dtypes
+    except TypeError:
+        name = str(dtype)
+    name = name.replace("torch.", "")
     try:
         return TOLERANCES[name]
     except KeyError:
