@@ -16,7 +16,7 @@ __version__ = "0.1.0"
 
 __all__ = ["Convention", "PRESETS", "DEFAULT", "get_convention", "resolve", "oracle", "tolerances", "__version__"]
 
-_LAZY = {"oracle", "tolerances", "torch", "jax", "flax", "conformance", "port", "data", "training"}
+_LAZY = {"oracle", "tolerances", "torch", "jax", "flax", "conformance", "port", "data", "training", "d2l_scratch"}
 
 
 def __getattr__(name: str) -> Any:

@@ -80,7 +80,7 @@ def check_flag(name: str, value: object) -> bool:
     """Mode flags are real booleans: ``training=1`` or ``"False"`` is a mistake, not a choice."""
     if isinstance(value, bool):
         return value
-    if type(value).__name__ == "bool_":  # numpy.bool_
+    if type(value).__name__ in ("bool_", "bool"):  # numpy.bool_ (its __name__ is "bool" in NumPy 2)
         return bool(value)
     raise TypeError(f"{name} must be a bool; got {value!r} of type {type(value).__name__}")
 

@@ -121,6 +121,8 @@ class Convention:
                     raise ValueError(f"count must be an int >= 0 (training steps already taken); got {count!r}")
                 k = int(count) + 1
                 return 1.0 - 1.0 / k, 1.0 / k
+            if not hasattr(count, "dtype"):
+                raise ValueError(f"count must be an int >= 0 or an integer array (training steps already taken); got {count!r}")
             # An array count (a torch tensor, a traced JAX value): the same rule in array arithmetic.
             w_b = 1.0 / (count + 1)
             return 1.0 - w_b, w_b
