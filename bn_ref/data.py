@@ -178,12 +178,13 @@ def _progress(done: int, total: int, name: str) -> None:
     sys.stderr.flush()
 
 
-def download(dest: str | os.PathLike | None = None, *, mirror: str = MIRROR, checksums: Mapping[str, str] = CHECKSUMS) -> Path:
+def download(dest: str | os.PathLike | None = None, *, mirror: str = MIRROR, checksums: Mapping[str, str] | None = None) -> Path:
     """Fetch the four ``.gz`` files into ``dest`` (default: the cache) with a progress bar.
 
     Each file goes to a temporary file in ``dest`` and is renamed into place only after the MD5
     of its decompressed content matches. Files already present and valid are kept.
     """
+    checksums = CHECKSUMS if checksums is None else checksums
     dest = Path(dest) if dest is not None else cache_dir()
     dest.mkdir(parents=True, exist_ok=True)
     for name in FILES.values():
@@ -221,20 +222,23 @@ def load_fashion_mnist(
     data_dir: str | os.PathLike | None = None,
     *,
     download_missing: bool = True,
-    checksums: Mapping[str, str] | None = CHECKSUMS,
+    checksums: Mapping[str, str] | None = None,
+    verify: bool = True,
 ) -> FashionMNIST:
     """Find (or download), verify and read Fashion-MNIST.
 
     Args:
         data_dir: an explicit folder; None uses ``BN_REF_DATA`` and then the standard places.
         download_missing: fetch the files into the cache when no folder has them.
-        checksums: expected MD5 of each decompressed file by name; None skips the check (for a
-            subset of the data, say).
+        checksums: expected MD5 of each decompressed file by name; None means the official
+            ones (:data:`CHECKSUMS`). Pass the subset's own for a subset of the data.
+        verify: False skips the MD5 check (the IDX header and length are still checked).
 
     Raises:
         DataError: no data and no download possible (the message names the Debian package and
             the cache path), or a truncated/corrupt file (the message names it).
     """
+    checksums = CHECKSUMS if checksums is None else checksums
     folder = find_data_dir(data_dir)
     if folder is None:
         searched = ", ".join(str(d) for d in candidate_dirs(data_dir))
@@ -245,7 +249,7 @@ def load_fashion_mnist(
                 f"{cache_dir()} or a folder given by --data-dir / BN_REF_DATA."
             )
         try:
-            folder = download(checksums=checksums or CHECKSUMS)
+            folder = download(checksums=checksums)
         except OSError as exc:
             raise DataError(
                 f"Fashion-MNIST not found (searched: {searched}) and the download failed ({exc}). "
@@ -256,7 +260,7 @@ def load_fashion_mnist(
     for key, name in FILES.items():
         path = _file_in(folder, name)
         assert path is not None
-        arrays[key] = read_idx(path, md5=None if checksums is None else checksums.get(name))
+        arrays[key] = read_idx(path, md5=checksums.get(name) if verify else None)
     for split in ("train", "test"):
         images, labels = arrays[f"{split}_images"], arrays[f"{split}_labels"]
         if images.ndim != 3 or labels.ndim != 1 or images.shape[0] != labels.shape[0]:
