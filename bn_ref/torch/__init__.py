@@ -1,0 +1,46 @@
+"""bn-ref's PyTorch backend: a readable, convention-driven Batch Normalization layer.
+
+* :func:`batch_norm` -- the functional form (``docs/spec.md`` §2-§5), any rank >= 2, running
+  statistics updated in place in training;
+* :class:`BatchNorm` (any rank >= 2) and :class:`BatchNorm1d` / :class:`BatchNorm2d` /
+  :class:`BatchNorm3d` (rank-checked like PyTorch's) -- drop-in replacements for
+  ``torch.nn.BatchNorm*d`` whose ``state_dict`` loads both ways, under any convention;
+* :func:`lenet` -- the d2l LeNet-BN with bn-ref's layer, PyTorch's, or none.
+
+Example::
+
+    >>> import torch, bn_ref.torch as bnt
+    >>> layer = bnt.BatchNorm2d(3, convention="flax", feature_axis=1)
+    >>> layer(torch.randn(4, 3, 5, 5)).shape
+    torch.Size([4, 3, 5, 5])
+"""
+
+from __future__ import annotations
+
+from .functional import (
+    IMPLEMENTATIONS,
+    BatchNormEvalFunction,
+    BatchNormTrainFunction,
+    batch_norm,
+    batch_statistics,
+    compute_dtype,
+    normalize,
+)
+from .lenet import lenet, native_batch_norm_kwargs
+from .modules import BatchNorm, BatchNorm1d, BatchNorm2d, BatchNorm3d
+
+__all__ = [
+    "IMPLEMENTATIONS",
+    "BatchNorm",
+    "BatchNorm1d",
+    "BatchNorm2d",
+    "BatchNorm3d",
+    "BatchNormEvalFunction",
+    "BatchNormTrainFunction",
+    "batch_norm",
+    "batch_statistics",
+    "compute_dtype",
+    "lenet",
+    "native_batch_norm_kwargs",
+    "normalize",
+]

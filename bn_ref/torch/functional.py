@@ -1,0 +1,442 @@
+"""The pure functional core of the PyTorch backend: statistics, normalization, the closed-form
+backward as a :class:`torch.autograd.Function`, and the functional :func:`batch_norm`.
+
+Everything numerical follows ``docs/spec.md``; each formula cites its section. The stateful
+modules in :mod:`bn_ref.torch.modules` are thin shells around :func:`batch_norm`.
+
+Shapes: ``x`` is (N, C, ...) or (N, ..., C), any rank >= 2, with the feature axis taken from the
+convention (or the ``axis`` override); every per-channel tensor (weight, bias, running statistics)
+is (C,). ``n = N * prod(spatial)`` is the number of values reduced per channel (§6).
+
+Numerical policy (§8):
+
+* statistics are two-pass (§8.1): the mean first, then the mean of squared deviations; never
+  ``E[x^2] - E[x]^2`` (§8.2);
+* float16/bfloat16 inputs are computed in float32 (§8.3); float32 and float64 in their own dtype.
+  The output has the input's dtype; the gradients have the dtypes of the tensors they belong to;
+* weight, bias and running statistics may have another floating dtype than ``x`` (float32
+  parameters with a bfloat16 input, say): they are cast to the compute dtype for the arithmetic.
+
+State recursion of the running statistics (§3), with ``b`` the batch statistic and
+``k = count + 1`` the training step::
+
+    momentum_on="batch":    r_k = (1 - m) * r_{k-1} + m * b_k          (§3.1, PyTorch)
+    momentum_on="running":  r_k = m * r_{k-1} + (1 - m) * b_k          (§3.2, Flax, Keras, ONNX)
+    momentum=None:          r_k = (1 - 1/k) * r_{k-1} + (1/k) * b_k    (§3.3, cumulative average)
+
+with ``b = var_B * n / (n - 1)`` fed to the running variance under ``running_var="unbiased"``
+(§3.4). The weights come from :meth:`bn_ref.Convention.update_weights` and the factor from
+:meth:`bn_ref.Convention.variance_correction`; this module keeps no copy of those rules.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any, Union
+
+import torch
+
+from .. import _checks
+from ..conventions import DEFAULT, Convention, ConventionLike, resolve
+
+__all__ = [
+    "IMPLEMENTATIONS",
+    "batch_norm",
+    "batch_statistics",
+    "compute_dtype",
+    "normalize",
+    "BatchNormTrainFunction",
+    "BatchNormEvalFunction",
+]
+
+IMPLEMENTATIONS = ("function", "autograd")
+"""Valid values of ``implementation``: the closed-form ``torch.autograd.Function`` or plain ops."""
+
+_LOW_PRECISION = (torch.float16, torch.bfloat16)
+
+
+# -- small helpers ---------------------------------------------------------------------------
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).replace("torch.", "")
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype BN arithmetic runs in for an input of ``dtype`` (§8.3).
+
+    float16 and bfloat16 accumulate in float32; float32 and float64 stay as they are.
+    """
+    return torch.float32 if dtype in _LOW_PRECISION else dtype
+
+
+def _broadcast_shape(ndim: int, ax: int, c: int) -> tuple[int, ...]:
+    return tuple(c if i == ax else 1 for i in range(ndim))
+
+
+def _per_channel(t: torch.Tensor | None, dtype: torch.dtype, bshape: Sequence[int]) -> torch.Tensor | None:
+    """A (C,) tensor cast to ``dtype`` and shaped to broadcast against x; None stays None."""
+    return None if t is None else t.to(dtype).reshape(bshape)
+
+
+def check_implementation(implementation: object) -> str:
+    """``implementation`` must be one of :data:`IMPLEMENTATIONS` (ValueError otherwise)."""
+    if not isinstance(implementation, str) or implementation not in IMPLEMENTATIONS:
+        raise ValueError(f"implementation must be one of {IMPLEMENTATIONS}; got {implementation!r}")
+    return implementation
+
+
+# -- the numerical building blocks (differentiable, pure) ------------------------------------
+
+
+def batch_statistics(x: torch.Tensor, ax: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel batch mean and *biased* batch variance, two-pass (§2.1, §8.1).
+
+    ``mean = sum(x) / n``, ``var = sum((x - mean)^2) / n`` over every axis but ``ax``, computed in
+    :func:`compute_dtype` of ``x`` (float32 for float16/bfloat16, §8.3).
+
+    Args:
+        x: (N, ..., C, ...) floating tensor; ``ax`` is its (non-negative) feature axis.
+        ax: the feature axis.
+
+    Returns:
+        ``(mean, var)``, both (C,) in the compute dtype. Differentiable.
+    """
+    red = _checks.reduction_axes(x.ndim, ax)
+    xa = x.to(compute_dtype(x.dtype))
+    mean = xa.mean(dim=red, keepdim=True)
+    centred = xa - mean
+    var = (centred * centred).mean(dim=red, keepdim=True)
+    return mean.reshape(-1), var.reshape(-1)
+
+
+def normalize(
+    x: torch.Tensor,
+    mean: torch.Tensor,
+    var: torch.Tensor,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    *,
+    eps: float,
+    ax: int,
+) -> torch.Tensor:
+    """``y = weight * (x - mean) / sqrt(var + eps) + bias`` per channel (§2.2, §2.3, §4).
+
+    ``mean``/``var`` are the batch statistics in training and the running statistics in eval.
+    Computed in the compute dtype of ``x``; returns a tensor of ``x``'s dtype and shape.
+    Differentiable with plain tensor ops (this is the ``"autograd"`` implementation's forward).
+    """
+    acc = compute_dtype(x.dtype)
+    bshape = _broadcast_shape(x.ndim, ax, x.shape[ax])
+    inv_std = torch.rsqrt(var.to(acc) + eps).reshape(bshape)  # §2.2: 1 / sqrt(var + eps)
+    y = (x.to(acc) - mean.to(acc).reshape(bshape)) * inv_std  # §2.2: x_hat
+    return _affine(y, weight, bias, acc, bshape).to(x.dtype)
+
+
+def _affine(
+    x_hat: torch.Tensor,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    acc: torch.dtype,
+    bshape: Sequence[int],
+) -> torch.Tensor:
+    """§2.3: ``y = weight * x_hat + bias``; either term may be absent."""
+    y = x_hat
+    if weight is not None:
+        y = y * _per_channel(weight, acc, bshape)
+    if bias is not None:
+        y = y + _per_channel(bias, acc, bshape)
+    return y
+
+
+def _cast_grad(g: torch.Tensor, dtype: torch.dtype | None, needed: bool) -> torch.Tensor | None:
+    """A per-channel gradient in the dtype of the tensor it belongs to (None if not needed)."""
+    if not needed or dtype is None:
+        return None
+    return g.to(dtype)
+
+
+# -- the closed-form backward as autograd Functions ------------------------------------------
+
+
+class BatchNormTrainFunction(torch.autograd.Function):
+    """Training-mode BN with the closed-form gradient of §5.1.
+
+    ``apply(x, weight, bias, eps, ax) -> (y, mean, var)``; ``weight``/``bias`` may be None.
+    ``mean`` and ``var`` (C,) are the batch statistics in the compute dtype, returned for the
+    running update and marked non-differentiable (the gradient through them is already part of
+    the closed form of ``dx``).
+
+    Forward saves ``x``, ``weight``, the batch mean and the inverse standard deviation. The
+    first-order backward uses them directly (no recomputation)::
+
+        x_hat  = (x - mean) * inv_std
+        dbeta  = sum(dy)                                                  (§5.1)
+        dgamma = sum(dy * x_hat)                                          (§5.1)
+        dx     = weight * inv_std * (dy - dbeta / n - x_hat * dgamma / n) (§5.1)
+
+    Double backward (§5.4): when the backward itself is being differentiated
+    (``create_graph=True``, seen as ``torch.is_grad_enabled()`` inside ``backward``), the saved
+    mean and inverse std are constants to autograd, which would drop their dependence on ``x``
+    and give wrong second derivatives. In that case the backward recomputes the statistics from
+    the saved ``x`` with differentiable ops (§2.1) and evaluates the same closed form, so autograd
+    differentiates an exact expression of ``dx(x, weight, dy)``. Only the double-backward path
+    pays for the recomputation.
+    """
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any, x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, eps: float, ax: int
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        acc = compute_dtype(x.dtype)
+        bshape = _broadcast_shape(x.ndim, ax, x.shape[ax])
+        mean, var = batch_statistics(x, ax)  # §2.1
+        inv_std = torch.rsqrt(var + eps)  # §2.2
+        x_hat = (x.to(acc) - mean.reshape(bshape)) * inv_std.reshape(bshape)  # §2.2
+        y = _affine(x_hat, weight, bias, acc, bshape).to(x.dtype)  # §2.3
+        ctx.save_for_backward(x, weight, mean, inv_std)
+        ctx.eps, ctx.ax = eps, ax
+        ctx.bias_dtype = None if bias is None else bias.dtype
+        ctx.mark_non_differentiable(mean, var)
+        ctx.set_materialize_grads(False)
+        return y, mean, var
+
+    @staticmethod
+    def backward(ctx: Any, dy: torch.Tensor | None, _dmean: Any, _dvar: Any):  # type: ignore[override]
+        x, weight, mean, inv_std = ctx.saved_tensors
+        needs_x, needs_w, needs_b = ctx.needs_input_grad[:3]
+        if dy is None:
+            return None, None, None, None, None
+        ax, eps = ctx.ax, ctx.eps
+        acc = compute_dtype(x.dtype)
+        c = x.shape[ax]
+        bshape = _broadcast_shape(x.ndim, ax, c)
+        red = _checks.reduction_axes(x.ndim, ax)
+        n = math.prod(x.shape[i] for i in red)
+        if torch.is_grad_enabled():
+            # §5.4: double backward -- recompute the statistics differentiably from x.
+            mean, var = batch_statistics(x, ax)
+            inv_std = torch.rsqrt(var + eps)
+        xa = x.to(acc)
+        dya = dy.to(acc)
+        inv_std_b = inv_std.reshape(bshape)
+        x_hat = (xa - mean.reshape(bshape)) * inv_std_b
+        dbeta = dya.sum(dim=red)  # §5.1
+        dgamma = (dya * x_hat).sum(dim=red)  # §5.1
+        dx = None
+        if needs_x:
+            scale = inv_std_b if weight is None else _per_channel(weight, acc, bshape) * inv_std_b
+            # §5.1: dx = g * inv_std * (dy - mean(dy) - x_hat * mean(dy * x_hat))
+            dx = scale * (dya - (dbeta / n).reshape(bshape) - x_hat * (dgamma / n).reshape(bshape))
+            dx = dx.to(x.dtype)
+        d_weight = _cast_grad(dgamma, None if weight is None else weight.dtype, needs_w)
+        d_bias = _cast_grad(dbeta, ctx.bias_dtype, needs_b)
+        return dx, d_weight, d_bias, None, None
+
+
+class BatchNormEvalFunction(torch.autograd.Function):
+    """Eval-mode BN (running statistics) with the closed-form gradient of §5.2.
+
+    ``apply(x, running_mean, running_var, weight, bias, eps, ax) -> y``. The running statistics
+    are constants of the layer, so the gradient is the affine map's (§5.2)::
+
+        inv_std = 1 / sqrt(running_var + eps),   x_hat = (x - running_mean) * inv_std
+        dx      = weight * inv_std * dy
+        dgamma  = sum(dy * x_hat),               dbeta = sum(dy)
+
+    Should the running statistics require grad (unusual; PyTorch's kernel ignores it), their
+    gradients are returned too, so this implementation agrees with ``"autograd"``::
+
+        d running_mean = -weight * inv_std * dbeta,   d running_var = -weight * inv_std^2 * dgamma / 2
+
+    Forward saves ``x``, the running statistics, ``weight`` and ``inv_std``; the backward reuses
+    ``inv_std`` unless it is being differentiated (``create_graph=True``), in which case it is
+    recomputed from ``running_var`` so that its dependence is visible to autograd (§5.4).
+    """
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any,
+        x: torch.Tensor,
+        running_mean: torch.Tensor,
+        running_var: torch.Tensor,
+        weight: torch.Tensor | None,
+        bias: torch.Tensor | None,
+        eps: float,
+        ax: int,
+    ) -> torch.Tensor:
+        acc = compute_dtype(x.dtype)
+        bshape = _broadcast_shape(x.ndim, ax, x.shape[ax])
+        inv_std = torch.rsqrt(running_var.to(acc) + eps)  # §4
+        x_hat = (x.to(acc) - running_mean.to(acc).reshape(bshape)) * inv_std.reshape(bshape)  # §4
+        y = _affine(x_hat, weight, bias, acc, bshape).to(x.dtype)  # §2.3
+        ctx.save_for_backward(x, running_mean, running_var, weight, inv_std)
+        ctx.eps, ctx.ax = eps, ax
+        ctx.bias_dtype = None if bias is None else bias.dtype
+        ctx.set_materialize_grads(False)
+        return y
+
+    @staticmethod
+    def backward(ctx: Any, dy: torch.Tensor | None):  # type: ignore[override]
+        x, running_mean, running_var, weight, inv_std = ctx.saved_tensors
+        needs_x, needs_rm, needs_rv, needs_w, needs_b = ctx.needs_input_grad[:5]
+        if dy is None:
+            return (None,) * 7
+        ax = ctx.ax
+        acc = compute_dtype(x.dtype)
+        bshape = _broadcast_shape(x.ndim, ax, x.shape[ax])
+        red = _checks.reduction_axes(x.ndim, ax)
+        if torch.is_grad_enabled():
+            inv_std = torch.rsqrt(running_var.to(acc) + ctx.eps)  # §5.4: keep the dependence on running_var
+        dya = dy.to(acc)
+        x_hat = (x.to(acc) - running_mean.to(acc).reshape(bshape)) * inv_std.reshape(bshape)
+        dbeta = dya.sum(dim=red)  # §5.2
+        dgamma = (dya * x_hat).sum(dim=red)  # §5.2
+        g = None if weight is None else weight.to(acc)
+        scale = inv_std if g is None else g * inv_std  # (C,)
+        dx = (scale.reshape(bshape) * dya).to(x.dtype) if needs_x else None  # §5.2
+        d_rm = (-scale * dbeta).to(running_mean.dtype) if needs_rm else None
+        d_rv = (-0.5 * scale * inv_std * dgamma).to(running_var.dtype) if needs_rv else None
+        d_weight = _cast_grad(dgamma, None if weight is None else weight.dtype, needs_w)
+        d_bias = _cast_grad(dbeta, ctx.bias_dtype, needs_b)
+        return dx, d_rm, d_rv, d_weight, d_bias, None, None
+
+
+# -- the functional entry point ----------------------------------------------------------------
+
+
+def _check_tensor(name: str, t: Any, *, optional: bool) -> None:
+    if t is None:
+        if optional:
+            return
+        raise TypeError(f"{name} must be a torch.Tensor; got None")
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor; got {type(t).__name__}")
+    _checks.check_float_dtype(name, _dtype_name(t.dtype))
+
+
+def _check_count(count: Any) -> Union[int, torch.Tensor]:
+    """``count``: an int >= 0 or a 0-d integer tensor (such as ``num_batches_tracked``)."""
+    if isinstance(count, torch.Tensor):
+        if count.ndim != 0 or count.dtype.is_floating_point or count.dtype.is_complex or count.dtype == torch.bool:
+            raise ValueError(
+                f"count must be an int >= 0 or a 0-d integer tensor (training steps already taken); "
+                f"got a tensor of shape {tuple(count.shape)} and dtype {_dtype_name(count.dtype)}"
+            )
+        return count
+    return _checks.check_count(count)
+
+
+def _ema_(running: torch.Tensor, batch: torch.Tensor, w_running: Any, w_batch: Any) -> None:
+    """In place: ``running <- w_running * running + w_batch * batch`` (§3), in the wider dtype."""
+    dt = torch.promote_types(running.dtype, batch.dtype)
+    running.copy_(running.to(dt) * w_running + batch.to(dt) * w_batch)
+
+
+def batch_norm(
+    x: torch.Tensor,
+    running_mean: torch.Tensor | None,
+    running_var: torch.Tensor | None,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    *,
+    training: bool,
+    convention: ConventionLike = "pytorch",
+    eps: float | None = None,
+    momentum: Any = DEFAULT,
+    axis: int | None = None,
+    count: Union[int, torch.Tensor] = 0,
+    implementation: str = "function",
+) -> torch.Tensor:
+    """Batch Normalization of ``x`` under a convention, updating running statistics in place.
+
+    Training (``training=True``, §2, §3)::
+
+        mean, var = per-channel batch mean and biased variance of x          (§2.1)
+        y = weight * (x - mean) / sqrt(var + eps) + bias                      (§2.2, §2.3)
+        w_r, w_b = convention.update_weights(count)                           (§3.1-§3.3)
+        running_mean <- w_r * running_mean + w_b * mean                       (in place)
+        running_var  <- w_r * running_var + w_b * var * variance_correction(n)   (§3.4)
+
+    Eval (``training=False``, §4)::
+
+        y = weight * (x - running_mean) / sqrt(running_var + eps) + bias
+
+    Args:
+        x: (N, C, ...) or (N, ..., C) floating tensor of rank >= 2 (float16, bfloat16, float32,
+            float64); any strides (channels_last, transposed or sliced views).
+        running_mean, running_var: (C,) floating tensors, or None. In training they are updated
+            in place under ``torch.no_grad`` when given (both or neither); in eval they are
+            required.
+        weight, bias: (C,) floating tensors or None (no scale / no shift).
+        training: use batch statistics and update the running ones (True), or normalize with
+            the running statistics (False). A real bool.
+        convention: preset name or :class:`bn_ref.Convention`.
+        eps, momentum, axis: per-call overrides of the convention's ``eps``, ``momentum`` and
+            ``feature_axis`` (:func:`bn_ref.conventions.resolve`). ``momentum=None`` selects the
+            cumulative average (§3.3); the default ``DEFAULT`` keeps the convention's momentum.
+        count: training steps already taken (an int, or a 0-d integer tensor such as a module's
+            ``num_batches_tracked`` before its increment); only ``momentum=None`` reads it.
+        implementation: ``"function"`` (:class:`BatchNormTrainFunction` /
+            :class:`BatchNormEvalFunction`, closed-form backward of §5.1/§5.2 with double
+            backward) or ``"autograd"`` (plain differentiable ops).
+
+    Returns:
+        ``y``, shaped like ``x``, with ``x``'s dtype.
+
+    Raises:
+        TypeError: ``x`` or a per-channel argument is not a floating tensor; ``training`` not a
+            bool.
+        ValueError: rank < 2 or a bad feature axis; a per-channel tensor not shaped (C,) or not
+            on the device of ``x``; only
+            one of the running statistics given; running statistics missing in eval; an empty
+            batch, or n = 1 under ``single_value="error"`` in training (§7.1, §7.3); a bad
+            ``count`` or ``implementation``; an invalid override.
+
+    All checks run before anything is computed or updated (§7.5).
+    """
+    # -- validation (§7.5): everything before any computation or state change --------------------
+    training = _checks.check_flag("training", training)
+    implementation = check_implementation(implementation)
+    conv: Convention = resolve(convention, eps=eps, momentum=momentum, feature_axis=axis)
+    _check_tensor("x", x, optional=False)
+    ax, c, n = _checks.check_input(x.shape, conv.feature_axis)
+    for name, t in (("running_mean", running_mean), ("running_var", running_var), ("weight", weight), ("bias", bias)):
+        _check_tensor(name, t, optional=True)
+        _checks.check_per_channel(name, None if t is None else t.shape, c, ax, x.shape)
+        if t is not None and t.device != x.device:
+            raise ValueError(f"{name} must be on the device of x ({x.device}); got {t.device}")
+    if (running_mean is None) != (running_var is None):
+        raise ValueError("running_mean and running_var must be given together (both tensors or both None)")
+    if not training and running_mean is None:
+        raise ValueError(
+            "eval (training=False) normalizes with the running statistics (spec §4): running_mean and "
+            "running_var are required; got None"
+        )
+    count = _check_count(count)
+    _checks.check_batch(n, x.shape, conv, training=training)
+
+    # -- eval (§4, §5.2) ---------------------------------------------------------------------------
+    if not training:
+        if implementation == "function":
+            return BatchNormEvalFunction.apply(x, running_mean, running_var, weight, bias, conv.eps, ax)
+        return normalize(x, running_mean, running_var, weight, bias, eps=conv.eps, ax=ax)
+
+    # -- training (§2, §5.1) -------------------------------------------------------------------------
+    if implementation == "function":
+        y, mean, var = BatchNormTrainFunction.apply(x, weight, bias, conv.eps, ax)
+    else:
+        mean, var = batch_statistics(x, ax)  # §2.1
+        y = normalize(x, mean, var, weight, bias, eps=conv.eps, ax=ax)
+
+    # -- running update (§3), outside autograd ---------------------------------------------------------
+    if running_mean is not None:
+        with torch.no_grad():
+            if isinstance(count, torch.Tensor):
+                count = count.to(torch.float64) if conv.momentum is None else 0
+            w_running, w_batch = conv.update_weights(count)  # §3.1-§3.3
+            correction = conv.variance_correction(n)  # §3.4
+            _ema_(running_mean, mean.detach(), w_running, w_batch)
+            _ema_(running_var, var.detach() * correction, w_running, w_batch)
+    return y

@@ -1,0 +1,267 @@
+"""Stateful ``nn.Module`` shells around :func:`bn_ref.torch.functional.batch_norm`.
+
+The modules hold parameters and buffers, pick train or eval from ``self.training`` (never from
+the grad mode), count training steps in ``num_batches_tracked`` and delegate every number to the
+functional core. Parameters and buffers are registered under the names and shapes that
+``torch.nn.BatchNorm1d/2d/3d`` use, so a ``state_dict`` loads strictly in either direction.
+
+State of a module with ``track_running_stats=True`` (``docs/spec.md`` §3), per training call::
+
+    count = num_batches_tracked                      (steps already taken)
+    running_mean <- w_r * running_mean + w_b * batch_mean
+    running_var  <- w_r * running_var  + w_b * batch_var * variance_correction(n)
+    num_batches_tracked <- count + 1
+
+with ``(w_r, w_b) = convention.update_weights(count)``: ``(1 - m, m)`` for ``momentum_on="batch"``
+(§3.1), ``(m, 1 - m)`` for ``"running"`` (§3.2), ``(1 - 1/(count+1), 1/(count+1))`` for
+``momentum=None`` (§3.3, the cumulative average; the same factor ``1 / num_batches_tracked``
+after the increment that PyTorch uses).
+"""
+
+from __future__ import annotations
+
+import numbers
+from typing import Any
+
+import torch
+from torch import nn
+
+from .. import _checks
+from ..conventions import DEFAULT, Convention, ConventionLike, resolve
+from .functional import batch_norm, check_implementation
+
+__all__ = ["BatchNorm", "BatchNorm1d", "BatchNorm2d", "BatchNorm3d"]
+
+
+class BatchNorm(nn.Module):
+    """Batch Normalization over any input of rank >= 2, under a :class:`bn_ref.Convention`.
+
+    Training (``module.train()``) normalizes with the batch statistics and updates the running
+    ones; eval (``module.eval()``) normalizes with the running statistics (§4) -- whatever the
+    grad mode. ``track_running_stats=False`` has no running statistics and uses batch statistics
+    in eval too, as ``torch.nn.BatchNorm*d`` does.
+
+    Args:
+        num_features: C, the size of the feature axis.
+        convention: preset name or :class:`bn_ref.Convention` (default ``"pytorch"``).
+        eps: overrides ``convention.eps`` (None keeps it).
+        momentum: overrides ``convention.momentum``; ``None`` is the cumulative average (§3.3),
+            the default ``DEFAULT`` keeps the convention's. It is read as the convention reads it
+            (``momentum_on``), so ``momentum=0.9`` under ``"flax"`` weights the running term.
+        affine: learnable ``weight`` (ones) and ``bias`` (zeros), shaped (C,).
+        track_running_stats: keep ``running_mean`` (zeros), ``running_var`` (ones) and
+            ``num_batches_tracked`` (int64 scalar 0) as buffers.
+        feature_axis: overrides ``convention.feature_axis`` (1 for (N, C, ...), -1 for (N, ..., C)).
+        device, dtype: where and in which dtype parameters and running statistics live. Inputs
+            may have another floating dtype (bfloat16 input with float32 parameters, say).
+        implementation: ``"function"`` (closed-form backward, §5) or ``"autograd"``.
+
+    Shapes:
+        input (N, C, ...) or (N, ..., C) per the feature axis; output the same shape and dtype.
+
+    State recursion per training call (§3), ``count = num_batches_tracked`` before the call::
+
+        (w_r, w_b) = convention.update_weights(count)       # (1-m, m) | (m, 1-m) | (1-1/k, 1/k), k = count+1
+        running_mean <- w_r * running_mean + w_b * batch_mean
+        running_var  <- w_r * running_var + w_b * batch_var * convention.variance_correction(n)   # §3.4
+        num_batches_tracked <- count + 1
+
+    Attributes:
+        convention: the resolved :class:`bn_ref.Convention`, overrides applied. ``eps``,
+            ``momentum`` and ``feature_axis`` read it; assigning them replaces it.
+    """
+
+    _version = 2  # as torch.nn.BatchNorm*d: version 2 added num_batches_tracked
+    _expected_ranks: tuple[int, ...] | None = None  # None: any rank >= 2
+
+    num_features: int
+    affine: bool
+    track_running_stats: bool
+    convention: Convention
+    implementation: str
+
+    def __init__(
+        self,
+        num_features: int,
+        *,
+        convention: ConventionLike = "pytorch",
+        eps: float | None = None,
+        momentum: Any = DEFAULT,
+        affine: bool = True,
+        track_running_stats: bool = True,
+        feature_axis: int | None = None,
+        device: Any = None,
+        dtype: torch.dtype | None = None,
+        implementation: str = "function",
+    ) -> None:
+        super().__init__()
+        if not isinstance(num_features, numbers.Integral) or isinstance(num_features, bool) or num_features < 1:
+            raise ValueError(f"num_features must be an int >= 1; got {num_features!r}")
+        if dtype is not None and not dtype.is_floating_point:
+            raise TypeError(f"dtype must be a floating dtype; got {dtype}")
+        self.num_features = int(num_features)
+        self.convention = resolve(convention, eps=eps, momentum=momentum, feature_axis=feature_axis)
+        self.affine = _checks.check_flag("affine", affine)
+        self.track_running_stats = _checks.check_flag("track_running_stats", track_running_stats)
+        self.implementation = check_implementation(implementation)
+        factory: dict[str, Any] = {"device": device, "dtype": dtype}
+        if self.affine:
+            self.weight = nn.Parameter(torch.empty(self.num_features, **factory))
+            self.bias = nn.Parameter(torch.empty(self.num_features, **factory))
+        else:
+            self.register_parameter("weight", None)
+            self.register_parameter("bias", None)
+        if self.track_running_stats:
+            self.register_buffer("running_mean", torch.zeros(self.num_features, **factory))
+            self.register_buffer("running_var", torch.ones(self.num_features, **factory))
+            self.register_buffer("num_batches_tracked", torch.tensor(0, dtype=torch.long, device=device))
+        else:
+            self.register_buffer("running_mean", None)
+            self.register_buffer("running_var", None)
+            self.register_buffer("num_batches_tracked", None)
+        self.reset_parameters()
+
+    # -- convention-backed hyper-parameters ------------------------------------------------------
+
+    @property
+    def eps(self) -> float:
+        """``convention.eps`` (§2.2, §4)."""
+        return self.convention.eps
+
+    @eps.setter
+    def eps(self, value: float) -> None:
+        self.convention = resolve(self.convention, eps=value)
+
+    @property
+    def momentum(self) -> float | None:
+        """``convention.momentum``; None is the cumulative average (§3.3)."""
+        return self.convention.momentum
+
+    @momentum.setter
+    def momentum(self, value: float | None) -> None:
+        self.convention = resolve(self.convention, momentum=value)
+
+    @property
+    def feature_axis(self) -> int:
+        """``convention.feature_axis`` (§6)."""
+        return self.convention.feature_axis
+
+    @feature_axis.setter
+    def feature_axis(self, value: int) -> None:
+        self.convention = resolve(self.convention, feature_axis=value)
+
+    # -- state ---------------------------------------------------------------------------------------
+
+    def reset_running_stats(self) -> None:
+        """running_mean = 0, running_var = 1, num_batches_tracked = 0 (when tracked)."""
+        if self.track_running_stats:
+            self.running_mean.zero_()
+            self.running_var.fill_(1.0)
+            self.num_batches_tracked.zero_()
+
+    def reset_parameters(self) -> None:
+        """Reset the running statistics, weight = 1 and bias = 0."""
+        self.reset_running_stats()
+        if self.affine:
+            nn.init.ones_(self.weight)
+            nn.init.zeros_(self.bias)
+
+    def _load_from_state_dict(
+        self,
+        state_dict: dict[str, Any],
+        prefix: str,
+        local_metadata: dict[str, Any],
+        strict: bool,
+        missing_keys: list[str],
+        unexpected_keys: list[str],
+        error_msgs: list[str],
+    ) -> None:
+        # A state_dict written before num_batches_tracked existed (no version, or version < 2)
+        # loads strictly: the missing counter keeps the module's value (or 0), as in torch.
+        version = local_metadata.get("version", None)
+        key = prefix + "num_batches_tracked"
+        if (version is None or version < 2) and self.track_running_stats and key not in state_dict:
+            nbt = self.num_batches_tracked
+            if nbt is not None and nbt.device.type != "meta":
+                state_dict[key] = nbt
+            else:
+                state_dict[key] = torch.tensor(0, dtype=torch.long)
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
+
+    def extra_repr(self) -> str:
+        return (
+            f"{self.num_features}, convention={self.convention.name!r}, eps={self.eps}, "
+            f"momentum={self.momentum}, momentum_on={self.convention.momentum_on!r}, "
+            f"running_var={self.convention.running_var!r}, feature_axis={self.feature_axis}, "
+            f"affine={self.affine}, track_running_stats={self.track_running_stats}, "
+            f"implementation={self.implementation!r}"
+        )
+
+    # -- forward -----------------------------------------------------------------------------------
+
+    def _check_input_dim(self, x: torch.Tensor) -> None:
+        """Rank and channel checks (ValueError naming the expected and received values)."""
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"input must be a torch.Tensor; got {type(x).__name__}")
+        ranks = self._expected_ranks
+        if ranks is not None and x.ndim not in ranks:
+            want = " or ".join(f"{r}D" for r in ranks)
+            raise ValueError(f"{type(self).__name__} expected {want} input (got {x.ndim}D input of shape {tuple(x.shape)})")
+        ax, c, _ = _checks.check_input(x.shape, self.feature_axis, name="input")
+        if c != self.num_features:
+            raise ValueError(
+                f"{type(self).__name__}({self.num_features}) expected {self.num_features} features on axis "
+                f"{self.feature_axis} of the input; got {c} (input shape {tuple(x.shape)})"
+            )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Normalize ``x``; in training also update the running statistics (§2, §3, §4).
+
+        Every check (rank, channels, dtype, n = 1 under ``single_value="error"``) runs before
+        any buffer changes; ``num_batches_tracked`` increments only after a successful training
+        call with tracked statistics.
+        """
+        self._check_input_dim(x)
+        tracked = self.running_mean is not None and self.running_var is not None
+        # Batch statistics in training, and in eval when there are no running statistics.
+        use_batch = self.training or not tracked
+        update = self.training and self.track_running_stats and tracked
+        nbt = self.num_batches_tracked
+        count: Any = nbt if (update and nbt is not None) else 0
+        y = batch_norm(
+            x,
+            self.running_mean if (update or not use_batch) else None,
+            self.running_var if (update or not use_batch) else None,
+            self.weight,
+            self.bias,
+            training=use_batch,
+            convention=self.convention,
+            count=count,
+            implementation=self.implementation,
+        )
+        if update and nbt is not None:
+            nbt.add_(1)
+        return y
+
+
+class BatchNorm1d(BatchNorm):
+    """:class:`BatchNorm` for (N, C) or (N, C, L) inputs (rank 2 or 3), like ``torch.nn.BatchNorm1d``.
+
+    Under a channels-last convention (feature axis -1) a rank-3 input is (N, L, C).
+    """
+
+    _expected_ranks = (2, 3)
+
+
+class BatchNorm2d(BatchNorm):
+    """:class:`BatchNorm` for rank-4 inputs, (N, C, H, W) or (N, H, W, C) per the feature axis."""
+
+    _expected_ranks = (4,)
+
+
+class BatchNorm3d(BatchNorm):
+    """:class:`BatchNorm` for rank-5 inputs, (N, C, D, H, W) or (N, D, H, W, C) per the feature axis."""
+
+    _expected_ranks = (5,)
