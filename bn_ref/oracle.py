@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 
 from . import _checks
-from .conventions import Convention, ConventionLike, get_convention
+from .conventions import ConventionLike, get_convention
 
 __all__ = ["ForwardResult", "forward", "backward", "normalized", "condition_number"]
 
