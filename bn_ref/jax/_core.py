@@ -1,0 +1,428 @@
+"""The pure functional core of bn-ref's JAX backend (``docs/spec.md`` §2-§8, §11).
+
+Everything here is a pure function of its arguments: no state, no PRNG, no Python side effects,
+so it composes with ``jax.jit``, ``jax.vmap``, ``jax.grad`` and the collectives of
+``jax.shard_map``/``jax.pmap``. The Flax layers (:mod:`bn_ref.flax`) are thin shells around
+:func:`batch_norm_impl`, so the linen and NNX layers compute bit-for-bit the same thing.
+
+Shapes: ``x`` is (N, C, ...) or (N, ..., C), rank >= 2, with the feature axis from the convention
+or ``axis``; every per-channel array is (C,). ``n`` is the number of values reduced per channel
+(``N * prod(spatial)``, summed over devices under ``axis_name``, real samples only under ``mask``).
+
+Validation runs at trace time, from shapes and dtypes, with the shared :mod:`bn_ref._checks`, so
+a bad call fails before anything is computed or updated (§7.5).
+"""
+
+from __future__ import annotations
+
+import numbers
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from .. import _checks
+from ..conventions import DEFAULT, Convention, ConventionLike, resolve
+
+__all__ = [
+    "batch_norm",
+    "batch_norm_impl",
+    "batch_stats",
+    "normalize",
+    "update_running",
+    "stats_dtype",
+]
+
+Array = jax.Array
+
+
+# -- dtypes -------------------------------------------------------------------------------------
+
+
+def stats_dtype(dtype: Any) -> jnp.dtype:
+    """The dtype batch statistics are computed in for inputs of ``dtype`` (§8.3).
+
+    At least float32: float16 and bfloat16 inputs are reduced in float32; float64 (under
+    ``jax_enable_x64``) stays float64.
+    """
+    return jnp.promote_types(jnp.dtype(dtype), jnp.float32)
+
+
+def _bshape(ndim: int, ax: int, c: int) -> tuple[int, ...]:
+    """Broadcast shape of a per-channel array against a rank-``ndim`` input (§6)."""
+    return tuple(c if i == ax else 1 for i in range(ndim))
+
+
+def _mask_b(mask: Array, ndim: int) -> Array:
+    """A (N,) mask broadcastable against x (batch axis 0)."""
+    return mask.reshape((mask.shape[0],) + (1,) * (ndim - 1))
+
+
+def _group_size(axis_name: Any, axis_index_groups: Any) -> int | None:
+    """Number of devices a collective over ``axis_name`` (and groups) combines, when static."""
+    if axis_name is None:
+        return 1
+    if axis_index_groups is not None:
+        return len(axis_index_groups[0])
+    try:
+        return int(lax.psum(1, axis_name))
+    except Exception:  # pragma: no cover - a traced axis size: the static check is skipped
+        return None
+
+
+# -- statistics ---------------------------------------------------------------------------------
+
+
+def batch_stats(
+    x: Array,
+    *,
+    axis: int = -1,
+    axis_name: Any = None,
+    axis_index_groups: Sequence[Sequence[int]] | None = None,
+    mask: Array | None = None,
+    dtype: Any = None,
+) -> tuple[Array, Array, Any]:
+    """Batch mean and biased batch variance per channel, by two passes (§2.1, §8.1, §11).
+
+    Args:
+        x: (N, C, ...) or (N, ..., C) floating array.
+        axis: the feature axis.
+        axis_name: a named axis of ``shard_map``/``pmap``; the statistics are then those of the
+            global batch (the concatenation of every device's batch), computed exactly (§11):
+            one ``psum`` of the per-device (count, sum) gives the global mean, a second ``psum``
+            of the per-device sum of squared deviations *about that global mean* gives the
+            global variance. Devices with unequal numbers of real samples are weighted by their
+            counts, so the result equals single-device BN on the global batch.
+        axis_index_groups: optional sub-groups of ``axis_name`` (as in ``lax.psum``).
+        mask: optional (N,) bool array; False marks a padded sample, which contributes nothing.
+        dtype: minimal dtype of the statistics; they are at least float32 (§8.3).
+
+    Returns:
+        ``(mean, var, n)``: (C,) arrays in the statistics dtype, and the number of values
+        reduced per channel -- a Python int when it is static (no mask), else an int32 array.
+
+    The variance is never formed as E[x^2] - E[x]^2 (§8.2): the mean is computed first and the
+    variance is the mean of squared deviations from it.
+    """
+    ndim = x.ndim
+    ax = _checks.normalize_axis(ndim, axis)
+    red = _checks.reduction_axes(ndim, ax)
+    sd = stats_dtype(x.dtype if dtype is None else jnp.promote_types(x.dtype, dtype))
+    xs = x.astype(sd)
+    bshape = _bshape(ndim, ax, x.shape[ax])
+    n_static = 1
+    for i in red:
+        n_static *= x.shape[i]
+
+    if mask is None and axis_name is None:
+        # §2.1 / §8.1: mean first, then the mean of squared deviations from it.
+        mean = jnp.mean(xs, axis=red)
+        centred = xs - mean.reshape(bshape)
+        var = jnp.mean(centred * centred, axis=red)
+        return mean, var, n_static
+
+    if mask is not None:
+        mb = _mask_b(mask, ndim)
+        # Padded values are replaced by 0 before any arithmetic, so NaN/Inf padding cannot leak
+        # into the statistics or (through 0 * NaN) into gradients.
+        xs = jnp.where(mb, xs, jnp.zeros((), sd))
+        per_sample = n_static // x.shape[0] if x.shape[0] else 0
+        n = jnp.sum(mask.astype(jnp.int32)) * per_sample
+    else:
+        mb = None
+        n = jnp.asarray(n_static, jnp.int32)
+    total = jnp.sum(xs, axis=red)
+    if axis_name is not None:
+        # §11: count-weighted global mean = (sum over devices of sums) / (sum of counts).
+        n, total = lax.psum((n, total), axis_name, axis_index_groups=axis_index_groups)
+    mean = total / n.astype(sd)
+    centred = xs - mean.reshape(bshape)
+    sq = centred * centred
+    if mb is not None:
+        sq = jnp.where(mb, sq, jnp.zeros((), sd))
+    m2 = jnp.sum(sq, axis=red)
+    if axis_name is not None:
+        # §11: squared deviations about the *global* mean add up exactly across devices.
+        m2 = lax.psum(m2, axis_name, axis_index_groups=axis_index_groups)
+    var = m2 / n.astype(sd)
+    if mask is None:
+        group = _group_size(axis_name, axis_index_groups)
+        if group is not None:
+            n = n_static * group  # static global n
+    return mean, var, n
+
+
+def normalize(
+    x: Array,
+    mean: Array,
+    var: Array,
+    gamma: Array | None,
+    beta: Array | None,
+    *,
+    eps: float,
+    axis: int = -1,
+    dtype: Any = None,
+) -> Array:
+    """y = gamma * (x - mean) / sqrt(var + eps) + beta, per channel (§2.2, §2.3, §4).
+
+    Args:
+        x: (N, C, ...) or (N, ..., C).
+        mean, var: (C,) statistics: the batch's in training (§2.2), the running ones in eval (§4).
+        gamma, beta: (C,) scale and shift, or None.
+        eps: added to the variance inside the square root.
+        axis: the feature axis.
+        dtype: dtype of the result; None means ``x.dtype``.
+
+    The arithmetic runs in the promoted dtype of the statistics, the parameters and float32
+    (so float16/bfloat16 inputs are normalized in float32) and the result is rounded once.
+    """
+    ndim = x.ndim
+    ax = _checks.normalize_axis(ndim, axis)
+    bshape = _bshape(ndim, ax, x.shape[ax])
+    parts = [stats_dtype(x.dtype), mean.dtype, var.dtype]
+    parts += [a.dtype for a in (gamma, beta) if a is not None]
+    cd = jnp.result_type(*parts)
+    out_dtype = x.dtype if dtype is None else jnp.dtype(dtype)
+    mul = lax.rsqrt(var.astype(cd) + eps)  # §2.2
+    if gamma is not None:
+        mul = mul * gamma.astype(cd)  # §2.3
+    y = (x.astype(cd) - mean.astype(cd).reshape(bshape)) * mul.reshape(bshape)
+    if beta is not None:
+        y = y + beta.astype(cd).reshape(bshape)  # §2.3
+    return y.astype(out_dtype)
+
+
+def update_running(
+    running_mean: Array,
+    running_var: Array,
+    mean: Array,
+    var: Array,
+    n: Any,
+    *,
+    convention: Convention,
+    count: Any = 0,
+) -> tuple[Array, Array]:
+    """One training step of the running statistics (§3).
+
+    With ``(w_r, w_b) = convention.update_weights(count)`` (§3.1 momentum on the batch term,
+    §3.2 on the running term, §3.3 cumulative average for ``momentum=None``)::
+
+        running_mean <- w_r * running_mean + w_b * mean
+        running_var  <- w_r * running_var  + w_b * var * convention.variance_correction(n)   # §3.4
+
+    ``mean``/``var`` are the biased batch statistics (C,); ``n`` the number of values they
+    reduce (global under cross-device statistics, §11). No gradient flows from the update into
+    the batch statistics. Results keep the running statistics' dtypes.
+    """
+    mean = lax.stop_gradient(mean)
+    var = lax.stop_gradient(var)
+    w_r, w_b = convention.update_weights(count)
+    corr = convention.variance_correction(n)
+
+    def blend(r: Array, b: Array) -> Array:
+        ud = jnp.promote_types(r.dtype, b.dtype)
+        wr = w_r if isinstance(w_r, numbers.Real) else jnp.asarray(w_r, ud)
+        wb = w_b if isinstance(w_b, numbers.Real) else jnp.asarray(w_b, ud)
+        return (wr * r.astype(ud) + wb * b.astype(ud)).astype(r.dtype)
+
+    if not isinstance(corr, numbers.Real):
+        corr = jnp.asarray(corr, var.dtype)
+    var_in = var if (isinstance(corr, numbers.Real) and corr == 1.0) else var * corr
+    return blend(running_mean, mean), blend(running_var, var_in)
+
+
+# -- validation ---------------------------------------------------------------------------------
+
+
+def _as_float_array(name: str, a: Any) -> Array:
+    arr = a if isinstance(a, jax.Array) else jnp.asarray(a)
+    _checks.check_float_dtype(name, jnp.dtype(arr.dtype).name)
+    return arr
+
+
+def _check_count(count: Any) -> Any:
+    if isinstance(count, (jax.Array,)) or hasattr(count, "dtype"):
+        arr = jnp.asarray(count)
+        if not jnp.issubdtype(arr.dtype, jnp.integer) or arr.ndim != 0:
+            raise TypeError(
+                f"count must be an int >= 0 or a scalar integer array (training steps already taken); "
+                f"got an array of dtype {arr.dtype} and shape {arr.shape}"
+            )
+        return arr
+    return _checks.check_count(count)
+
+
+def _check_mask(mask: Any, x_shape: tuple[int, ...]) -> Array | None:
+    if mask is None:
+        return None
+    m = jnp.asarray(mask)
+    if m.dtype != jnp.bool_:
+        raise TypeError(f"mask must be a bool array (True = real sample); got dtype {m.dtype}")
+    if m.shape != (x_shape[0],):
+        raise ValueError(
+            f"mask must have shape (N,) = ({x_shape[0]},) over the batch axis of x.shape {tuple(x_shape)}; "
+            f"got shape {tuple(m.shape)}"
+        )
+    return m
+
+
+# -- the whole layer ----------------------------------------------------------------------------
+
+
+def batch_norm_impl(
+    x: Any,
+    gamma: Any,
+    beta: Any,
+    running_mean: Any,
+    running_var: Any,
+    *,
+    training: bool,
+    convention: ConventionLike = "flax",
+    axis: int | None = None,
+    count: Any = 0,
+    eps: float | None = None,
+    momentum: Any = DEFAULT,
+    axis_name: Any = None,
+    axis_index_groups: Any = None,
+    mask: Any = None,
+    dtype: Any = None,
+) -> tuple[Array, Array | None, Array | None, Any]:
+    """:func:`batch_norm` with one more policy: ``dtype``, the output dtype (None = ``x.dtype``).
+
+    The Flax layers call this so that their ``dtype`` attribute rounds the output once.
+    """
+    training = _checks.check_flag("training", training)
+    conv = resolve(convention, eps=eps, momentum=momentum, feature_axis=axis)
+    x = _as_float_array("x", x)
+    ax, c, n = _checks.check_input(x.shape, conv.feature_axis)
+    arrays = {}
+    for name, value in (("gamma", gamma), ("beta", beta), ("running_mean", running_mean), ("running_var", running_var)):
+        if value is None:
+            arrays[name] = None
+            continue
+        arr = _as_float_array(name, value)
+        _checks.check_per_channel(name, arr.shape, c, ax, x.shape)
+        arrays[name] = arr
+    rm, rv = arrays["running_mean"], arrays["running_var"]
+    if (rm is None) != (rv is None):
+        raise ValueError("running_mean and running_var must be given together (both arrays or both None)")
+    if not training and rm is None:
+        raise ValueError(
+            "eval (training=False) normalizes with the running statistics: running_mean and running_var are required"
+        )
+    count = _check_count(count)
+    mask_arr = _check_mask(mask, x.shape)
+    if axis_index_groups is not None and axis_name is None:
+        raise ValueError("axis_index_groups needs axis_name (the named axis the groups subdivide)")
+    if training:
+        group = _group_size(axis_name, axis_index_groups)
+        if group is not None:
+            # Static check on the batch as shaped (§7.1, §7.3); with a mask the number of real
+            # samples is only known at run time.
+            _checks.check_batch(n * group, x.shape, conv, training=True)
+
+    if mask_arr is not None:
+        # Padded samples are zeroed before anything touches them, so NaN/Inf padding cannot
+        # reach real outputs or (through 0 * NaN in the backward pass) any gradient.
+        x = jnp.where(_mask_b(mask_arr, x.ndim), x, jnp.zeros((), x.dtype))
+    if training:
+        mean, var, n_eff = batch_stats(
+            x, axis=ax, axis_name=axis_name, axis_index_groups=axis_index_groups, mask=mask_arr
+        )  # §2.1, §11
+        y = normalize(x, mean, var, arrays["gamma"], arrays["beta"], eps=conv.eps, axis=ax, dtype=dtype)  # §2.2-§2.3
+        if rm is not None:
+            new_rm, new_rv = update_running(rm, rv, mean, var, n_eff, convention=conv, count=count)  # §3
+        else:
+            new_rm = new_rv = None
+        new_count = count + 1
+    else:
+        y = normalize(x, rm, rv, arrays["gamma"], arrays["beta"], eps=conv.eps, axis=ax, dtype=dtype)  # §4
+        new_rm, new_rv, new_count = rm, rv, count
+    if mask_arr is not None:
+        # Padded samples: output 0, a constant, so they neither send nor receive gradient.
+        y = jnp.where(_mask_b(mask_arr, x.ndim), y, jnp.zeros((), y.dtype))
+    return y, new_rm, new_rv, new_count
+
+
+def batch_norm(
+    x: Any,
+    gamma: Any,
+    beta: Any,
+    running_mean: Any,
+    running_var: Any,
+    *,
+    training: bool,
+    convention: ConventionLike = "flax",
+    axis: int | None = None,
+    count: Any = 0,
+    eps: float | None = None,
+    momentum: Any = DEFAULT,
+    axis_name: Any = None,
+    axis_index_groups: Any = None,
+    mask: Any = None,
+) -> tuple[Array, Array | None, Array | None, Any]:
+    """Batch Normalization as a pure function (``docs/spec.md`` §2-§4, §11).
+
+    Training (``training=True``) normalizes with the batch statistics and returns updated
+    running statistics; eval normalizes with the running statistics and returns them unchanged::
+
+        mean, var = batch mean, biased batch variance (two-pass)                 # §2.1, §8.1
+        y = gamma * (x - mean) / sqrt(var + eps) + beta                           # §2.2, §2.3
+        (w_r, w_b) = convention.update_weights(count)                             # §3.1-§3.3
+        running_mean' = w_r * running_mean + w_b * mean
+        running_var'  = w_r * running_var + w_b * var * variance_correction(n)    # §3.4
+        count' = count + 1
+
+    Args:
+        x: (N, C, ...) or (N, ..., C) floating array, rank >= 2.
+        gamma, beta: (C,) scale and shift, or None.
+        running_mean, running_var: (C,) running statistics; required in eval, optional (both
+            None) in training, in which case they are returned as None.
+        training: a Python bool (static under ``jit``).
+        convention: a preset name or a :class:`bn_ref.Convention`.
+        axis: feature axis; None means ``convention.feature_axis``.
+        count: training steps already taken (a Python int or a scalar integer array); used by
+            ``momentum=None`` (§3.3) and returned incremented in training.
+        eps: overrides ``convention.eps`` when not None.
+        momentum: overrides ``convention.momentum`` (in the convention's own meaning) unless
+            ``DEFAULT``; ``None`` is the cumulative average (§3.3).
+        axis_name: named axis of ``shard_map``/``pmap`` to compute the statistics over the global
+            batch, count-weighted and exact (§11); the unbiased correction uses the global n.
+        axis_index_groups: sub-groups of ``axis_name`` (as in ``lax.psum``; ``pmap`` only).
+        mask: optional (N,) bool array, True for real samples. Padded samples contribute nothing
+            to the statistics, their output is 0 and they receive zero gradient. The n = 1 and
+            empty-batch checks then apply to the batch as shaped; a batch with no real sample at
+            all gives NaN statistics.
+
+    Returns:
+        ``(y, new_running_mean, new_running_var, new_count)``: ``y`` like ``x`` in ``x.dtype``;
+        running statistics (C,) in their own dtype (or None); ``new_count = count + 1`` in
+        training, ``count`` in eval.
+
+    Statistics are computed in at least float32 (float16/bfloat16 inputs; float64 stays float64,
+    §8.3). Gradients flow through the batch statistics (§5.1) but not into the running update.
+
+    Raises (at trace time, before any computation):
+        ValueError: rank < 2, a bad feature axis, a per-channel array not shaped (C,), missing
+            running statistics in eval, an empty batch or n = 1 under ``single_value="error"``
+            in training (§7.1, §7.3), a mask not shaped (N,).
+        TypeError: non-floating ``x``/parameters/statistics, non-bool ``training`` or ``mask``,
+            a non-integer ``count``.
+    """
+    return batch_norm_impl(
+        x,
+        gamma,
+        beta,
+        running_mean,
+        running_var,
+        training=training,
+        convention=convention,
+        axis=axis,
+        count=count,
+        eps=eps,
+        momentum=momentum,
+        axis_name=axis_name,
+        axis_index_groups=axis_index_groups,
+        mask=mask,
+    )
