@@ -1,0 +1,125 @@
+"""The ``train`` and ``port`` subcommands of ``bn-ref`` (wired up in ``bn_ref.__main__``).
+
+Bad arguments give one line on stderr and exit status 2, and nothing is written.
+"""
+
+from __future__ import annotations
+
+import argparse
+import pickle
+import sys
+from pathlib import Path
+from typing import Any
+
+from . import BACKENDS, BN_KINDS, TrainConfig, atomic_write_bytes
+
+__all__ = ["add_train_parser", "run_train", "add_port_parser", "run_port", "UsageError"]
+
+
+class UsageError(Exception):
+    """A bad argument: reported as one line, exit status 2."""
+
+
+def add_train_parser(sub: Any) -> argparse.ArgumentParser:
+    p = sub.add_parser("train", help="train LeNet-BN on Fashion-MNIST (PyTorch or Flax)")
+    p.add_argument("--backend", default="torch", help=f"one of {', '.join(BACKENDS)} (default torch)")
+    p.add_argument("--bn", default="ref", help=f"one of {', '.join(BN_KINDS)}: bn-ref's layer, the framework's own, or none")
+    p.add_argument("--convention", default=None, help="a preset name (default: the backend's framework)")
+    p.add_argument("--epochs", type=int, default=10)
+    p.add_argument("--lr", type=float, default=1.0)
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or gpu")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default=None, help="output folder (default runs/<backend>-<bn>)")
+    p.add_argument("--data-dir", default=None, help="folder with the four IDX files (else BN_REF_DATA, then the standard places)")
+    p.add_argument("--resume", action="store_true", help="continue from <out>/checkpoint.pkl")
+    p.add_argument("--limit-train", type=int, default=None, help="use only the first N training images")
+    p.add_argument("--limit-test", type=int, default=None, help="use only the first N test images")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return p
+
+
+def run_train(args: argparse.Namespace) -> int:
+    from .. import data
+    from . import train
+
+    config = TrainConfig(
+        backend=args.backend,
+        bn=args.bn,
+        convention=args.convention,
+        epochs=args.epochs,
+        lr=args.lr,
+        batch_size=args.batch_size,
+        device=args.device,
+        seed=args.seed,
+        out=args.out or f"runs/{args.backend}-{args.bn}",
+        data_dir=args.data_dir,
+        resume=args.resume,
+        limit_train=args.limit_train,
+        limit_test=args.limit_test,
+        progress=not args.no_progress and sys.stderr.isatty(),
+    )
+    try:
+        config.validate()
+        if args.data_dir is not None and not Path(args.data_dir).is_dir():
+            raise UsageError(f"--data-dir {args.data_dir}: no such folder")
+        train(config)
+    except (ValueError, UsageError, FileNotFoundError, data.DataError) as exc:
+        raise UsageError(str(exc)) from exc
+    return 0
+
+
+def add_port_parser(sub: Any) -> argparse.ArgumentParser:
+    p = sub.add_parser("port", help="convert a LeNet-BN checkpoint between PyTorch and Flax")
+    p.add_argument("--from", dest="src_backend", required=True, help="torch or flax")
+    p.add_argument("ckpt", help="a checkpoint.pkl of `bn-ref train`, a torch.save'd state_dict, or a pickled Flax variables dict")
+    p.add_argument("--to", dest="dst_backend", required=True, help="flax or torch")
+    p.add_argument("out", help="output file: a pickled {'params','batch_stats'} dict (flax) or a torch.save'd state_dict (torch)")
+    return p
+
+
+def _load_checkpoint(path: Path, backend: str) -> Any:
+    if not path.is_file():
+        raise UsageError(f"{path}: no such file")
+    raw = path.read_bytes()
+    try:
+        obj = pickle.loads(raw)
+    except Exception:
+        if backend != "torch":
+            raise UsageError(f"{path}: not a pickled checkpoint") from None
+        import io
+
+        import torch
+
+        obj = torch.load(io.BytesIO(raw), map_location="cpu", weights_only=True)
+    if isinstance(obj, dict) and "state" in obj and "config" in obj:  # a `bn-ref train` checkpoint
+        if obj["config"]["backend"] != backend:
+            raise UsageError(f"{path} was written by a {obj['config']['backend']} run, not {backend}")
+        state = obj["state"]
+        return state["model"] if backend == "torch" else {"params": state["params"], "batch_stats": state["stats"]}
+    return obj
+
+
+def run_port(args: argparse.Namespace) -> int:
+    from .. import port
+
+    pair = (args.src_backend, args.dst_backend)
+    if pair not in (("torch", "flax"), ("flax", "torch")):
+        raise UsageError(f"--from/--to must be torch→flax or flax→torch; got {args.src_backend}→{args.dst_backend}")
+    src = _load_checkpoint(Path(args.ckpt), args.src_backend)
+    try:
+        if pair == ("torch", "flax"):
+            payload = pickle.dumps(port.torch_to_flax(src))
+        else:
+            import io
+
+            import torch
+
+            buf = io.BytesIO()
+            torch.save(port.flax_to_torch(src), buf)
+            payload = buf.getvalue()
+    except (ValueError, KeyError, TypeError) as exc:
+        raise UsageError(f"{args.ckpt}: {exc}") from exc
+    atomic_write_bytes(Path(args.out), payload)
+    print(f"wrote {args.out} ({args.dst_backend})")
+    return 0
