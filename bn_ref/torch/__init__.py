@@ -28,6 +28,7 @@ from .functional import (
 )
 from .lenet import lenet, native_batch_norm_kwargs
 from .modules import BatchNorm, BatchNorm1d, BatchNorm2d, BatchNorm3d
+from .sync import SyncBatchNorm, SyncBatchNormFunction, convert_sync_batchnorm, merge_statistics
 
 __all__ = [
     "IMPLEMENTATIONS",
@@ -37,10 +38,14 @@ __all__ = [
     "BatchNorm3d",
     "BatchNormEvalFunction",
     "BatchNormTrainFunction",
+    "SyncBatchNorm",
+    "SyncBatchNormFunction",
     "batch_norm",
     "batch_statistics",
     "compute_dtype",
+    "convert_sync_batchnorm",
     "lenet",
+    "merge_statistics",
     "native_batch_norm_kwargs",
     "normalize",
 ]
