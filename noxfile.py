@@ -15,7 +15,7 @@ nox.options.reuse_existing_virtualenvs = True
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 CONSTRAINTS = os.path.join(HERE, ".ci", "constraints.txt")
-EXTRAS = ".[torch,jax,frameworks,dev]"
+EXTRAS = ".[torch,jax,train,frameworks,dev]"
 
 
 def _install(session: nox.Session) -> None:

@@ -230,5 +230,6 @@ def train(config: TrainConfig, *, log: Callable[[str], None] | None = None) -> d
         ckpt = {"config": config.as_json(), "epoch": epoch, "epochs": history, "state": trainer.get_state()}
         atomic_write_bytes(ckpt_path, pickle.dumps(ckpt))
         atomic_write_bytes(out / "metrics.json", json.dumps(metrics, indent=2).encode())
-        plot_curves(history, out / "curves.png", f"LeNet ({desc})")
+        if not plot_curves(history, out / "curves.png", f"LeNet ({desc})") and epoch == start:
+            log("matplotlib is not installed: no curves.png (pip install 'bn-ref[train]')")
     return {"config": config.as_json(), "epochs": history}
