@@ -1,0 +1,100 @@
+"""bn-ref's own PyTorch backend (``bn_ref.torch``): functional and module forms, both
+implementations (closed-form ``autograd.Function`` and plain autograd), CPU and CUDA."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from ... import torch as bt
+from ...conventions import PRESETS, Convention
+from ..cases import Case
+from . import _torch_util as tu
+from .base import numpy_out
+
+__all__ = ["FunctionalAdapter", "ModuleAdapter", "factory"]
+
+
+class FunctionalAdapter:
+    """``bn_ref.torch.batch_norm``."""
+
+    def __init__(self, convention: Convention, implementation: str, device: str) -> None:
+        self.convention = convention
+        self.implementation = implementation
+        self.device = device
+        self.name = f"bn_ref.torch.batch_norm[{implementation}, {device}] @{convention.name}"
+        self.description = "bn-ref PyTorch functional form"
+
+    def skip(self, case: Case) -> str | None:
+        return tu.layout_reason(case)
+
+    def run(self, case: Case) -> dict[str, Any]:
+        d = self.device
+        rm, rv = tu.tensor(case.running_mean, case, d), tu.tensor(case.running_var, case, d)
+        w = tu.tensor(case.gamma, case, d)
+        b = tu.tensor(case.beta, case, d)
+        for p in (w, b):
+            if p is not None:
+                p.requires_grad_(True)
+
+        def fwd(x: torch.Tensor) -> torch.Tensor:
+            return bt.batch_norm(x, rm, rv, w, b, training=case.training, convention=case.convention,
+                                 axis=case.feature_axis, count=case.count, implementation=self.implementation)
+
+        out = tu.run_with_grad(case, d, fwd, [w, b])
+        out["running_mean"], out["running_var"] = numpy_out(rm), numpy_out(rv)
+        return out
+
+
+class ModuleAdapter:
+    """``bn_ref.torch.BatchNorm`` (one module per configuration, reused across cases)."""
+
+    def __init__(self, convention: Convention, implementation: str, device: str) -> None:
+        self.convention = convention
+        self.implementation = implementation
+        self.device = device
+        self.name = f"bn_ref.torch.BatchNorm[{implementation}, {device}] @{convention.name}"
+        self.description = "bn-ref PyTorch module (train/eval from module.training)"
+        self._modules: dict[Any, Any] = {}
+
+    def skip(self, case: Case) -> str | None:
+        return tu.layout_reason(case)
+
+    def _module(self, case: Case) -> Any:
+        c = case.x.shape[case.feature_axis]
+        key = (c, case.dtype, case.affine, case.convention)
+        m = self._modules.get(key)
+        if m is None:
+            m = bt.BatchNorm(c, convention=case.convention, affine=case.affine, device=self.device,
+                             dtype=tu.DTYPES[case.dtype], implementation=self.implementation)
+            self._modules[key] = m
+        return m
+
+    def run(self, case: Case) -> dict[str, Any]:
+        m = self._module(case)
+        with torch.no_grad():
+            m.running_mean.copy_(tu.tensor(case.running_mean, case, self.device))
+            m.running_var.copy_(tu.tensor(case.running_var, case, self.device))
+            m.num_batches_tracked.fill_(case.count)
+            if case.affine:
+                m.weight.copy_(tu.tensor(case.gamma, case, self.device))
+                m.bias.copy_(tu.tensor(case.beta, case, self.device))
+        m.zero_grad(set_to_none=True)
+        m.train(case.training)
+        params = [m.weight, m.bias] if case.affine else [None, None]
+        out = tu.run_with_grad(case, self.device, m, params)
+        out["running_mean"], out["running_var"] = numpy_out(m.running_mean), numpy_out(m.running_var)
+        return out
+
+
+def factory() -> list[Any]:
+    """Functional form under every preset; module form under pytorch and flax; CPU and CUDA."""
+    out: list[Any] = []
+    for device in tu.devices():
+        for impl in ("function", "autograd"):
+            for name in (PRESETS if (impl == "function" and device == "cpu") else ("pytorch",)):
+                out.append(FunctionalAdapter(PRESETS[name], impl, device))
+            for name in ("pytorch", "flax"):
+                out.append(ModuleAdapter(PRESETS[name], impl, device))
+    return out

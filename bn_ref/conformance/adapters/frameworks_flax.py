@@ -1,0 +1,105 @@
+"""Flax's own Batch Normalization under the ``flax`` preset: ``flax.linen.BatchNorm`` and
+``flax.nnx.BatchNorm``, each with the default ``use_fast_variance=True`` (E[x^2] - E[x]^2) and with
+``use_fast_variance=False`` (two-pass); CPU, and GPU when JAX has one."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax
+import jax
+from flax import linen as nn
+from flax import nnx
+
+from ...conventions import PRESETS
+from ..cases import Case
+from . import _jax_util as ju  # enables float64 (jax_enable_x64) on import
+from .bnref_jax import _Base, nnx_runner
+
+__all__ = ["FlaxLinenAdapter", "FlaxNNXAdapter", "factory"]
+
+
+def _reason(case: Case) -> str | None:
+    if case.momentum is None:
+        return "Flax's BatchNorm has no cumulative-average mode (momentum=None)"
+    return None
+
+
+class FlaxLinenAdapter(_Base):
+    def __init__(self, fast: bool, device_name: str, device: Any) -> None:
+        self.kind = f"flax.linen.BatchNorm(use_fast_variance={fast})"
+        self.fast = fast
+        super().__init__(PRESETS["flax"], device_name, device)
+        self.description = f"flax {flax.__version__} linen BatchNorm"
+
+    def skip(self, case: Case) -> str | None:
+        return _reason(case)
+
+    def run(self, case: Case) -> dict[str, Any]:
+        training, affine = case.training, case.affine
+        key = (training, affine, case.dtype, case.feature_axis, case.eps, case.momentum)
+
+        def build():
+            mod = nn.BatchNorm(use_running_average=not training, axis=case.feature_axis, momentum=case.momentum,
+                               epsilon=case.eps, use_scale=affine, use_bias=affine, dtype=ju.DTYPES[case.dtype],
+                               param_dtype=ju.param_dtype(case), use_fast_variance=self.fast)
+
+            def f(x, params, stats, dy):
+                def fwd(x, params):
+                    y, upd = mod.apply({"params": params, "batch_stats": stats}, x, mutable=["batch_stats"])
+                    return y, upd["batch_stats"]
+
+                y, vjp, new = jax.vjp(fwd, x, params, has_aux=True)
+                dx, dp = vjp(dy)
+                return y, new, dx, dp
+
+            return f
+
+        fn = self._cache.get(key, build)
+        i = self._inputs(case)
+        params = {"scale": i["gamma"], "bias": i["beta"]} if affine else {}
+        y, new, dx, dp = fn(i["x"], params, {"mean": i["rm"], "var": i["rv"]}, i["dy"])
+        return {"y": ju.out(y), "running_mean": ju.out(new["mean"]), "running_var": ju.out(new["var"]),
+                "dx": ju.out(dx), "dgamma": ju.out(dp.get("scale")), "dbeta": ju.out(dp.get("bias"))}
+
+
+class FlaxNNXAdapter(_Base):
+    def __init__(self, fast: bool, device_name: str, device: Any) -> None:
+        self.kind = f"flax.nnx.BatchNorm(use_fast_variance={fast})"
+        self.fast = fast
+        super().__init__(PRESETS["flax"], device_name, device)
+        self.description = f"flax {flax.__version__} NNX BatchNorm"
+
+    def skip(self, case: Case) -> str | None:
+        return _reason(case)
+
+    def run(self, case: Case) -> dict[str, Any]:
+        training, affine = case.training, case.affine
+        c = case.x.shape[case.feature_axis]
+        i = self._inputs(case)
+
+        def make():
+            return nnx.BatchNorm(c, axis=case.feature_axis, momentum=case.momentum, epsilon=case.eps,
+                                 use_scale=affine, use_bias=affine, dtype=ju.DTYPES[case.dtype],
+                                 param_dtype=ju.param_dtype(case), use_fast_variance=self.fast, rngs=nnx.Rngs(0))
+
+        def set_values(m):
+            if affine:
+                m.scale.value = i["gamma"]
+                m.bias.value = i["beta"]
+            m.mean.value, m.var.value = i["rm"], i["rv"]
+
+        key = (training, affine, case.dtype, case.feature_axis, case.eps, case.momentum, c)
+        y, rest, dx, dp = nnx_runner(self._cache, key, make, set_values,
+                                     lambda m, x: m(x, use_running_average=not training), case, i["dy"], i["x"])
+        return {"y": ju.out(y), "running_mean": ju.out(rest["mean"]), "running_var": ju.out(rest["var"]),
+                "dx": ju.out(dx), "dgamma": ju.out(dp.get("scale")), "dbeta": ju.out(dp.get("bias"))}
+
+
+def factory() -> list[Any]:
+    out: list[Any] = []
+    for dname, dev in ju.devices():
+        for fast in (True, False):
+            out.append(FlaxLinenAdapter(fast, dname, dev))
+            out.append(FlaxNNXAdapter(fast, dname, dev))
+    return out

@@ -1,0 +1,94 @@
+"""PyTorch's own Batch Normalization under the ``pytorch`` preset: ``torch.nn.BatchNorm1d/2d/3d``
+and ``torch.nn.functional.batch_norm``, on CPU and CUDA."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from ...conventions import PRESETS
+from ..cases import Case
+from . import _torch_util as tu
+from .base import axis_reason, numpy_out
+
+__all__ = ["TorchModuleAdapter", "TorchFunctionalAdapter", "factory"]
+
+_MODULES = {2: torch.nn.BatchNorm1d, 3: torch.nn.BatchNorm1d, 4: torch.nn.BatchNorm2d, 5: torch.nn.BatchNorm3d}
+
+
+def _reason(case: Case, what: str) -> str | None:
+    return axis_reason(case, (1,), what) or tu.layout_reason(case)
+
+
+class TorchModuleAdapter:
+    """``torch.nn.BatchNorm{1,2,3}d`` by rank; ``num_batches_tracked`` set from ``count``."""
+
+    def __init__(self, device: str) -> None:
+        self.convention = PRESETS["pytorch"]
+        self.device = device
+        self.name = f"torch.nn.BatchNorm*d[{device}] @pytorch"
+        self.description = f"torch {torch.__version__} torch.nn.BatchNorm1d/2d/3d"
+        self._cache: dict[Any, Any] = {}
+
+    def skip(self, case: Case) -> str | None:
+        return _reason(case, "torch.nn.BatchNorm*d")
+
+    def run(self, case: Case) -> dict[str, Any]:
+        c = case.x.shape[1]
+        key = (case.rank, c, case.dtype, case.affine, case.eps, case.momentum)
+        m = self._cache.get(key)
+        if m is None:
+            m = _MODULES[case.rank](c, eps=case.eps, momentum=case.momentum, affine=case.affine,
+                                    device=self.device, dtype=tu.DTYPES[case.dtype])
+            self._cache[key] = m
+        with torch.no_grad():
+            m.running_mean.copy_(tu.tensor(case.running_mean, case, self.device))
+            m.running_var.copy_(tu.tensor(case.running_var, case, self.device))
+            m.num_batches_tracked.fill_(case.count)
+            if case.affine:
+                m.weight.copy_(tu.tensor(case.gamma, case, self.device))
+                m.bias.copy_(tu.tensor(case.beta, case, self.device))
+        m.zero_grad(set_to_none=True)
+        m.train(case.training)
+        out = tu.run_with_grad(case, self.device, m, [m.weight, m.bias] if case.affine else [None, None])
+        out["running_mean"], out["running_var"] = numpy_out(m.running_mean), numpy_out(m.running_var)
+        return out
+
+
+class TorchFunctionalAdapter:
+    """``torch.nn.functional.batch_norm``. ``momentum=None`` is passed as the factor
+    ``1 / (count + 1)``, which is what the modules do with ``num_batches_tracked`` (§3.3)."""
+
+    def __init__(self, device: str) -> None:
+        self.convention = PRESETS["pytorch"]
+        self.device = device
+        self.name = f"torch.nn.functional.batch_norm[{device}] @pytorch"
+        self.description = f"torch {torch.__version__} F.batch_norm"
+
+    def skip(self, case: Case) -> str | None:
+        return _reason(case, "F.batch_norm")
+
+    def run(self, case: Case) -> dict[str, Any]:
+        d = self.device
+        rm, rv = tu.tensor(case.running_mean, case, d), tu.tensor(case.running_var, case, d)
+        w, b = tu.tensor(case.gamma, case, d), tu.tensor(case.beta, case, d)
+        for p in (w, b):
+            if p is not None:
+                p.requires_grad_(True)
+        momentum = 1.0 / (case.count + 1) if case.momentum is None else case.momentum
+
+        def fwd(x: torch.Tensor) -> torch.Tensor:
+            return F.batch_norm(x, rm, rv, w, b, training=case.training, momentum=momentum, eps=case.eps)
+
+        out = tu.run_with_grad(case, d, fwd, [w, b])
+        out["running_mean"], out["running_var"] = numpy_out(rm), numpy_out(rv)
+        return out
+
+
+def factory() -> list[Any]:
+    out: list[Any] = []
+    for device in tu.devices():
+        out += [TorchModuleAdapter(device), TorchFunctionalAdapter(device)]
+    return out
