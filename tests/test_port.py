@@ -153,3 +153,27 @@ def test_rejects_foreign_state():
         port.torch_to_flax(sd)
     with pytest.raises(ValueError, match="conv1"):
         port.flax_to_torch({"params": {}, "batch_stats": {}})
+
+
+def test_port_cli_torch_to_flax_and_back(tmp_path):
+    import pickle
+    import subprocess
+    import sys
+
+    model = _trained_torch("ref", "pytorch").eval()
+    ckpt = tmp_path / "model.pt"
+    torch.save(model.state_dict(), ckpt)
+    flax_out, torch_out = tmp_path / "flax.pkl", tmp_path / "back.pt"
+    for args in (["--from", "torch", str(ckpt), "--to", "flax", str(flax_out)],
+                 ["--from", "flax", str(flax_out), "--to", "torch", str(torch_out)]):
+        res = subprocess.run([sys.executable, "-m", "bn_ref", "port", *args], capture_output=True, text=True, timeout=120)
+        assert res.returncode == 0, res.stderr
+    x, _ = _batch(5, 16)
+    with torch.no_grad():
+        expected = model(torch.from_numpy(x)[:, None]).numpy()
+    _close(_flax_logits(pickle.loads(flax_out.read_bytes()), "ref", "pytorch", x), expected)
+    back = torch.load(torch_out, weights_only=True)
+    assert all(torch.equal(back[k], v) for k, v in model.state_dict().items())
+    res = subprocess.run([sys.executable, "-m", "bn_ref", "port", "--from", "jax", str(ckpt), "--to", "flax", str(tmp_path / "x")],
+                         capture_output=True, text=True, timeout=120)
+    assert res.returncode == 2 and len(res.stderr.strip().splitlines()) == 1 and not (tmp_path / "x").exists()

@@ -9,19 +9,34 @@ import argparse
 import pickle
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 from . import BACKENDS, BN_KINDS, TrainConfig, atomic_write_bytes
 
-__all__ = ["add_train_parser", "run_train", "add_port_parser", "run_port", "UsageError"]
+__all__ = ["train_main", "port_main", "UsageError"]
 
 
 class UsageError(Exception):
     """A bad argument: reported as one line, exit status 2."""
 
 
-def add_train_parser(sub: Any) -> argparse.ArgumentParser:
-    p = sub.add_parser("train", help="train LeNet-BN on Fashion-MNIST (PyTorch or Flax)")
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a bad argument is one line on stderr (no usage dump) and exit status 2."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        raise UsageError(message)
+
+
+def _one_line_errors(fn, argv: Sequence[str]) -> int:
+    try:
+        return fn(argv)
+    except UsageError as exc:
+        print(f"bn-ref: error: {exc}", file=sys.stderr)
+        return 2
+
+
+def _train_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="bn-ref train", description="Train LeNet-BN on Fashion-MNIST (PyTorch or Flax).")
     p.add_argument("--backend", default="torch", help=f"one of {', '.join(BACKENDS)} (default torch)")
     p.add_argument("--bn", default="ref", help=f"one of {', '.join(BN_KINDS)}: bn-ref's layer, the framework's own, or none")
     p.add_argument("--convention", default=None, help="a preset name (default: the backend's framework)")
@@ -39,10 +54,16 @@ def add_train_parser(sub: Any) -> argparse.ArgumentParser:
     return p
 
 
-def run_train(args: argparse.Namespace) -> int:
+def train_main(argv: Sequence[str]) -> int:
+    """``bn-ref train ...``; returns the exit status (2 for bad arguments or missing data)."""
+    return _one_line_errors(_run_train, argv)
+
+
+def _run_train(argv: Sequence[str]) -> int:
     from .. import data
     from . import train
 
+    args = _train_parser().parse_args(list(argv))
     config = TrainConfig(
         backend=args.backend,
         bn=args.bn,
@@ -69,8 +90,8 @@ def run_train(args: argparse.Namespace) -> int:
     return 0
 
 
-def add_port_parser(sub: Any) -> argparse.ArgumentParser:
-    p = sub.add_parser("port", help="convert a LeNet-BN checkpoint between PyTorch and Flax")
+def _port_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="bn-ref port", description="Convert a LeNet-BN checkpoint between PyTorch and Flax.")
     p.add_argument("--from", dest="src_backend", required=True, help="torch or flax")
     p.add_argument("ckpt", help="a checkpoint.pkl of `bn-ref train`, a torch.save'd state_dict, or a pickled Flax variables dict")
     p.add_argument("--to", dest="dst_backend", required=True, help="flax or torch")
@@ -100,9 +121,15 @@ def _load_checkpoint(path: Path, backend: str) -> Any:
     return obj
 
 
-def run_port(args: argparse.Namespace) -> int:
+def port_main(argv: Sequence[str]) -> int:
+    """``bn-ref port --from torch CKPT --to flax OUT``; returns the exit status."""
+    return _one_line_errors(_run_port, argv)
+
+
+def _run_port(argv: Sequence[str]) -> int:
     from .. import port
 
+    args = _port_parser().parse_args(list(argv))
     pair = (args.src_backend, args.dst_backend)
     if pair not in (("torch", "flax"), ("flax", "torch")):
         raise UsageError(f"--from/--to must be torch→flax or flax→torch; got {args.src_backend}→{args.dst_backend}")
