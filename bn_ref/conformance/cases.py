@@ -28,6 +28,8 @@ __all__ = [
     "Case",
     "CaseSpec",
     "CATALOGUE",
+    "DISTRIBUTED",
+    "ALL_SPECS",
     "RANDOM_SPECS",
     "round_to_dtype",
     "instantiate",
@@ -80,6 +82,13 @@ class Case:
         expect_error: True when a conforming implementation must raise (n = 1 in training under
             ``single_value="error"``, §7.1).
         step: index of this call in its sequence; spec_id: the catalogue id.
+        replicas: None for an ordinary case; for a cross-replica case (§11) the per-replica
+            batch sizes along axis 0, a tuple summing to ``x.shape[0]`` (a 0 is a replica with no
+            samples). ``x`` and ``dy`` are always the *concatenated global batch*, and the
+            reference is the oracle on it: replica ``p`` holds rows
+            ``sum(replicas[:p]) : sum(replicas[:p + 1])``. Single-process adapters may ignore it
+            (they then compute on the global batch, which must give the same result); the
+            distributed adapters split the batch this way (see ``docs/adapters.md``).
     """
 
     x: np.ndarray
@@ -100,6 +109,7 @@ class Case:
     expect_error: bool = False
     step: int = 0
     spec_id: str = ""
+    replicas: tuple[int, ...] | None = None
 
     @property
     def affine(self) -> bool:
@@ -124,7 +134,8 @@ class CaseSpec:
 
     ``shape`` is logical: (N, C, *spatial). ``feature_axis``: None keeps the convention's axis,
     1 or -1 force one. ``data``: the value family (see :func:`_data`). ``modes``: the steps, e.g.
-    ``("train", "eval")`` or six trainings then an eval.
+    ``("train", "eval")`` or six trainings then an eval. ``replicas``: per-replica batch sizes
+    along axis 0 for a cross-replica case (§11; sums to ``shape[0]``), None for an ordinary case.
     """
 
     id: str
@@ -141,6 +152,15 @@ class CaseSpec:
     seed: int | None = None
     tags: tuple[str, ...] = field(default=())
     description: str = ""
+    replicas: tuple[int, ...] | None = None
+
+    def __post_init__(self) -> None:
+        if self.replicas is not None:
+            r = tuple(int(v) for v in self.replicas)
+            if len(r) < 1 or min(r) < 0 or sum(r) != self.shape[0]:
+                raise ValueError(f"CaseSpec {self.id!r}: replicas {self.replicas} must be >= 0 and sum to the "
+                                 f"batch size shape[0] = {self.shape[0]}")
+            object.__setattr__(self, "replicas", r)
 
     @property
     def words(self) -> set[str]:
@@ -240,6 +260,7 @@ def instantiate(spec: CaseSpec, convention: Convention) -> list[Case]:
                 expect_error=training and n == 1 and conv.single_value == "error",
                 step=k,
                 spec_id=spec.id,
+                replicas=spec.replicas,
             )
         )
     return cases
@@ -346,12 +367,53 @@ def _catalogue() -> list[CaseSpec]:
 
 
 CATALOGUE: tuple[CaseSpec, ...] = tuple(_catalogue())
-"""Every catalogue case, in a stable order."""
+"""Every single-process catalogue case, in a stable order."""
+
+_DIST_SEQ = ("train", "train", "train", "eval")
+
+
+def _distributed() -> list[CaseSpec]:
+    """Cross-replica cases (§11): the global batch split along axis 0 into per-replica batches.
+
+    Each runs three training steps then eval, so y, the gradients and the running statistics
+    (whose unbiased correction must use the *global* n, §3.4, §11) are all checked. The data are
+    those of an ordinary case of the same shape and id, so single-process adapters run them on
+    the global batch unchanged. Ids start with ``replicas<P>-`` (P = number of replicas).
+    """
+    specs: list[CaseSpec] = []
+    add = specs.append
+    shp = (8, 3, 2, 2)
+    for p, equal, unequal in ((2, (4, 4), (7, 1)), (4, (2, 2, 2, 2), (3, 1, 2, 2))):
+        add(CaseSpec(f"replicas{p}-equal-float64", shp, modes=_DIST_SEQ, replicas=equal, tags=("replicas", "equal"),
+                     description=f"{p} replicas of equal size {equal}: 3 training steps then eval (§11)"))
+        add(CaseSpec(f"replicas{p}-unequal-float64", shp, modes=_DIST_SEQ, replicas=unequal,
+                     tags=("replicas", "unequal"),
+                     description=f"{p} replicas of unequal sizes {unequal}: count-weighted merge (§11.1)"))
+    add(CaseSpec("replicas2-empty-2d-float64", (6, 3), modes=_DIST_SEQ, replicas=(6, 0), tags=("replicas", "empty"),
+                 description="2 replicas, one with no samples (6, 0), (N, C) input (§11, §7.3)"))
+    add(CaseSpec("replicas4-unequal-2d-float64", (8, 3), modes=_DIST_SEQ, replicas=(4, 0, 1, 3),
+                 tags=("replicas", "unequal", "empty"),
+                 description="4 replicas (4, 0, 1, 3): an empty one and one with n = 1 locally; global n = 8 (§11)"))
+    add(CaseSpec("replicas4-equal-float32", (8, 3, 3), dtype="float32", modes=_DIST_SEQ, replicas=(2, 2, 2, 2),
+                 tags=("replicas", "equal"), description="4 equal replicas in float32 (§8.4, §11)"))
+    add(CaseSpec("replicas4-unequal-float32", (8, 3, 3), dtype="float32", modes=_DIST_SEQ, replicas=(3, 1, 0, 4),
+                 tags=("replicas", "unequal", "empty"), description="4 unequal replicas (3, 1, 0, 4) in float32"))
+    add(CaseSpec("replicas4-cma-float64", (8, 3, 2, 2), momentum=None, modes=_DIST_SEQ, replicas=(1, 3, 0, 4),
+                 tags=("replicas", "unequal", "empty", "cma"),
+                 description="momentum=None (cumulative average, §3.3) on 4 unequal replicas (1, 3, 0, 4)"))
+    return specs
+
+
+DISTRIBUTED: tuple[CaseSpec, ...] = tuple(_distributed())
+"""The cross-replica cases (each with ``replicas``), in a stable order; part of every default run."""
+
+ALL_SPECS: tuple[CaseSpec, ...] = CATALOGUE + DISTRIBUTED
+"""The single-process catalogue followed by the cross-replica cases."""
 
 RANDOM_SPECS: tuple[str, ...] = ("random-float64", "random-float32")
 """Pseudo-case ids of the hypothesis searches (one per dtype), selectable with ``-k`` like cases."""
 
-assert len({s.id for s in CATALOGUE}) == len(CATALOGUE), "case ids must be unique"
+assert len({s.id for s in ALL_SPECS}) == len(ALL_SPECS), "case ids must be unique"
 
 
 # -- -k selection -----------------------------------------------------------------------------
@@ -423,8 +485,8 @@ def compile_k(expr: str | None) -> Callable[[str, set[str]], bool]:
 
 
 def select(expr: str | None) -> tuple[list[CaseSpec], list[str]]:
-    """Catalogue specs and random pseudo-case ids matching ``-k expr``."""
+    """Catalogue specs (single-process, then cross-replica) and random pseudo-case ids matching ``-k expr``."""
     pred = compile_k(expr)
-    specs = [s for s in CATALOGUE if pred(s.id, s.words)]
+    specs = [s for s in ALL_SPECS if pred(s.id, s.words)]
     randoms = [r for r in RANDOM_SPECS if pred(r, {"random", r.split("-")[1]})]
     return specs, randoms

@@ -23,7 +23,7 @@ from typing import Sequence
 
 from . import report as _report
 from .adapters import BUILTIN, load
-from .cases import CATALOGUE, compile_k, select
+from .cases import ALL_SPECS, compile_k, select
 from .engine import AdapterResult, load_ledger, log, run_adapter
 
 __all__ = ["main", "run", "default_ledger_path"]
@@ -72,10 +72,11 @@ def run(argv: Sequence[str]) -> int:
     specs, randoms = select(args.k)
     if args.list:
         for s in specs:
-            print(f"{s.id:40s} {s.description}")
+            rep = f" [replicas {s.replicas}]" if s.replicas is not None else ""
+            print(f"{s.id:40s} {s.description}{rep}")
         for r in randoms:
             print(f"{r:40s} hypothesis search ({r.split('-', 1)[1]})")
-        print(f"{len(specs) + len(randoms)} of {len(CATALOGUE) + 2} cases selected", file=sys.stderr)
+        print(f"{len(specs) + len(randoms)} of {len(ALL_SPECS) + 2} cases selected", file=sys.stderr)
         return 0
     if not specs and not randoms:
         print(f"error: -k {args.k!r} selects no case (see --list)", file=sys.stderr)
@@ -114,6 +115,8 @@ def run(argv: Sequence[str]) -> int:
             except Exception as exc:  # noqa: BLE001 - the run goes on
                 results.append(AdapterResult(name=str(getattr(adapter, "name", fspec)), convention=adapter.convention,
                                              build_error=f"{type(exc).__name__}: {exc}"))
+            finally:
+                _close(adapter)
     if args.list_adapters:
         return 0
     wall = time.perf_counter() - t0
@@ -131,6 +134,16 @@ def run(argv: Sequence[str]) -> int:
     if args.strict and rep["totals"]["xpass_entries"]:
         status = 1
     return status
+
+
+def _close(adapter: object) -> None:
+    """Release what an adapter holds (the distributed ones keep worker processes), if it says how."""
+    close = getattr(adapter, "close", None)
+    if callable(close):
+        try:
+            close()
+        except Exception as exc:  # noqa: BLE001 - shutting down must not end the run
+            log(f"  warning: closing {getattr(adapter, 'name', adapter)} failed: {exc}")
 
 
 def _display_path(path: str | None) -> str | None:

@@ -45,6 +45,7 @@ __all__ = [
     "run_adapter",
     "load_ledger",
     "adapter_skip",
+    "applies",
 ]
 
 GROUPS = ("forward", "running", "eval", "backward", "errors", "random")
@@ -145,6 +146,23 @@ def adapter_skip(adapter: Any, case: Case) -> str | None:
         return None
     reason = fn(case)
     return None if reason is None else str(reason)
+
+
+def applies(adapter: Any, spec: CaseSpec) -> bool:
+    """Whether ``spec`` is run on ``adapter`` at all.
+
+    Ordinary adapters (no ``world_size`` attribute) run every case; a cross-replica case is then
+    computed on its global batch unchanged. A *distributed* adapter (``world_size: int``) runs only
+    the cross-replica cases whose number of replicas is its world size -- or all of them, each
+    on its single replica, when ``world_size == 1``; the single-process catalogue and the random
+    searches do not apply to it and are not run (nor counted).
+    """
+    ws = getattr(adapter, "world_size", None)
+    if ws is None:
+        return True
+    if spec.replicas is None:
+        return False
+    return int(ws) == 1 or len(spec.replicas) == int(ws)
 
 
 def _private_copy(case: Case) -> Case:
@@ -404,6 +422,15 @@ def run_adapter(
     name = str(adapter.name)
     t0 = time.perf_counter()
     out = AdapterResult(name=name, convention=adapter.convention, description=str(getattr(adapter, "description", "")))
+    unavailable = getattr(adapter, "unavailable", None)
+    if unavailable:  # e.g. a CUDA-only layer on a machine without CUDA: the row is shown as skipped
+        out.build_skip = str(unavailable)
+        if progress:
+            progress(f"  {name}: skipped: {unavailable}")
+        return out
+    if getattr(adapter, "world_size", None) is not None:
+        specs = [s for s in specs if applies(adapter, s)]
+        randoms = ()
     for spec in specs:
         try:
             steps = instantiate(spec, adapter.convention)

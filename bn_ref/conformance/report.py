@@ -9,7 +9,7 @@ import sys
 from typing import Any, Sequence
 
 from ..tolerances import TOLERANCES
-from .cases import CATALOGUE
+from .cases import ALL_SPECS
 from .engine import GROUPS, AdapterResult, LedgerEntry, group_cells
 
 __all__ = ["build_report", "render_console", "render_markdown", "unexpected", "versions"]
@@ -83,8 +83,9 @@ def build_report(
             "path": ledger_path,
             "entries": [dataclasses.asdict(e) | {"state": e.state} for e in ledger],
         },
-        "cases": [{"id": s.id, "dtype": s.dtype, "shape": list(s.shape), "description": s.description}
-                  for s in CATALOGUE],
+        "cases": [{"id": s.id, "dtype": s.dtype, "shape": list(s.shape), "description": s.description,
+                   "replicas": None if s.replicas is None else list(s.replicas)}
+                  for s in ALL_SPECS],
         "adapters": adapters,
         "totals": {
             "pass": passes,
@@ -315,7 +316,18 @@ def render_markdown(report: dict[str, Any]) -> str:
         out.append("None.")
     out += ["", "## Cases", "", "| id | dtype | shape (N, C, ...) | what it checks |", "|---|---|---|---|"]
     for c in report["cases"]:
-        out.append(f"| `{c['id']}` | {c['dtype']} | {tuple(c['shape'])} | {_md_escape(c['description'])} |")
+        if c.get("replicas") is None:
+            out.append(f"| `{c['id']}` | {c['dtype']} | {tuple(c['shape'])} | {_md_escape(c['description'])} |")
+    dist = [c for c in report["cases"] if c.get("replicas") is not None]
+    if dist:
+        out += ["", "Cross-replica cases (§11): the global batch split along axis 0 into per-replica batches. "
+                "Distributed rows (world size P) run the cases with P replicas (a world of one runs them all on "
+                "its only replica); every other row runs them on the global batch unchanged. The reference is the "
+                "oracle on the concatenated global batch.", "",
+                "| id | dtype | global shape (N, C, ...) | replicas | what it checks |", "|---|---|---|---|---|"]
+        for c in dist:
+            out.append(f"| `{c['id']}` | {c['dtype']} | {tuple(c['shape'])} | {tuple(c['replicas'])} | "
+                       f"{_md_escape(c['description'])} |")
     out += ["", "Random cases: `random-float64` and `random-float32` draw shapes, feature axes, locations and "
             "scales with hypothesis (derandomized, no example database), and shrink a failure to a minimal case "
             "with a reproduction snippet (in the JSON report).", ""]

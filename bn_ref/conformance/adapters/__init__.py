@@ -24,6 +24,8 @@ BUILTIN: tuple[str, ...] = (
     "bn_ref.conformance.adapters.keras_adapter:factory",
     "bn_ref.conformance.adapters.onnx_adapter:factory",
     "bn_ref.conformance.adapters.d2l:factory",
+    "bn_ref.conformance.adapters.distributed_torch:factory",
+    "bn_ref.conformance.adapters.distributed_jax:factory",
 )
 """The built-in rows, in report order."""
 
