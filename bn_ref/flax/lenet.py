@@ -72,6 +72,11 @@ class LeNet(nn.Module):
             cannot express it); ``"none"`` -- no normalization.
         convention: a preset name or a :class:`bn_ref.Convention`.
         param_dtype: dtype of every parameter and running statistic (float32; float64 under x64).
+        axis_name: None (default), or a named axis of ``jax.shard_map``/``pmap`` over which every
+            BN layer takes its training statistics (data parallelism, spec §11): bn-ref's layer
+            count-weighted and exact; ``flax.linen.BatchNorm`` (``bn="native"``) averages the
+            devices' statistics with equal weights, exact only when every device holds the same
+            number of real samples.
 
     Initialisation: Xavier-uniform kernels and zero biases for every Conv/Dense (the book's
     classic init); BN scale ones, bias zeros, running mean/var zeros/ones.
@@ -80,36 +85,51 @@ class LeNet(nn.Module):
     bn: BNKind = "ref"
     convention: ConventionLike = "flax"
     param_dtype: Any = jnp.float32
+    axis_name: Any = None
 
-    def _norm(self, name: str) -> Callable[[jax.Array, bool], jax.Array]:
+    def _norm(self, name: str, mask: jax.Array | None) -> Callable[[jax.Array, bool], jax.Array]:
         if self.bn == "none":
             return lambda h, train: h
         if self.bn == "ref":
-            layer = BatchNorm(convention=self.convention, axis=-1, param_dtype=self.param_dtype, name=name)
-            return lambda h, train: layer(h, use_running_average=not train)
+            layer = BatchNorm(
+                convention=self.convention, axis=-1, param_dtype=self.param_dtype, axis_name=self.axis_name, name=name
+            )
+            return lambda h, train: layer(h, use_running_average=not train, mask=mask)
         if self.bn == "native":
-            layer = nn.BatchNorm(param_dtype=self.param_dtype, name=name, **native_batchnorm_kwargs(self.convention))
-            return lambda h, train: layer(h, use_running_average=not train)
+            kw = native_batchnorm_kwargs(self.convention)
+            layer = nn.BatchNorm(param_dtype=self.param_dtype, axis_name=self.axis_name, name=name, **kw)
+
+            def native(h: jax.Array, train: bool) -> jax.Array:
+                m = None if mask is None else mask.reshape(mask.shape + (1,) * (h.ndim - 1))
+                return layer(h, use_running_average=not train, mask=m)
+
+            return native
         raise ValueError(f"bn must be 'ref', 'native' or 'none'; got {self.bn!r}")
 
     @nn.compact
-    def __call__(self, x: jax.Array, train: bool) -> jax.Array:
-        """x: (N, 28, 28, 1); ``train`` selects batch statistics (True) or running ones (False)."""
+    def __call__(self, x: jax.Array, train: bool, mask: jax.Array | None = None) -> jax.Array:
+        """x: (N, 28, 28, 1); ``train`` selects batch statistics (True) or running ones (False).
+
+        ``mask``: optional (N,) bool, True for real samples; padded samples (False) add nothing
+        to the BN statistics (their logits are still computed and should be ignored).
+        """
         if x.ndim != 4 or tuple(x.shape[1:]) != (28, 28, 1):
             raise ValueError(f"LeNet expects NHWC inputs shaped (N, 28, 28, 1); got shape {tuple(x.shape)}")
+        if mask is not None and tuple(jnp.shape(mask)) != (x.shape[0],):
+            raise ValueError(f"LeNet mask must have shape (N,) = ({x.shape[0]},); got {tuple(jnp.shape(mask))}")
         init = {"kernel_init": nn.initializers.xavier_uniform(), "bias_init": nn.initializers.zeros}
         pd = {"param_dtype": self.param_dtype}
         x = nn.Conv(6, (5, 5), padding="VALID", name="conv1", **init, **pd)(x)
-        x = nn.sigmoid(self._norm("bn1")(x, train))
+        x = nn.sigmoid(self._norm("bn1", mask)(x, train))
         x = nn.avg_pool(x, (2, 2), strides=(2, 2))
         x = nn.Conv(16, (5, 5), padding="VALID", name="conv2", **init, **pd)(x)
-        x = nn.sigmoid(self._norm("bn2")(x, train))
+        x = nn.sigmoid(self._norm("bn2", mask)(x, train))
         x = nn.avg_pool(x, (2, 2), strides=(2, 2))
         x = x.reshape((x.shape[0], -1))
         x = nn.Dense(120, name="dense1", **init, **pd)(x)
-        x = nn.sigmoid(self._norm("bn3")(x, train))
+        x = nn.sigmoid(self._norm("bn3", mask)(x, train))
         x = nn.Dense(84, name="dense2", **init, **pd)(x)
-        x = nn.sigmoid(self._norm("bn4")(x, train))
+        x = nn.sigmoid(self._norm("bn4", mask)(x, train))
         return nn.Dense(10, name="dense3", **init, **pd)(x)
 
 

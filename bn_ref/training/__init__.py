@@ -15,6 +15,27 @@ initial weights from ``seed``, so a resumed run repeats exactly what an uninterr
 
 The whole dataset is moved to the device once; metrics are accumulated on the device and read
 once per epoch (no per-step host synchronisation).
+
+Data-parallel training (``docs/spec.md`` §11) -- the same run as single-device training, to float32
+round-off, on several processes or devices:
+
+* ``config.nproc = N`` (``backend="torch"``, CLI ``--nproc N``): :func:`train` launches N worker
+  processes with torchrun's environment (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``,
+  ``MASTER_ADDR=127.0.0.1``, a free ``MASTER_PORT``), gloo on CPU and NCCL on CUDA (one GPU per
+  rank). Each rank builds the same model from ``seed``, converts its BN layers with
+  :func:`bn_ref.torch.convert_sync_batchnorm` (exact count-weighted global statistics) and wraps it
+  in ``DistributedDataParallel``; see :mod:`bn_ref.training._ddp`.
+* ``config.devices = N`` (``backend="flax"``, CLI ``--devices N``): one process, a 1-D device mesh
+  of N JAX devices; an epoch runs in ``jax.shard_map``, BN layers use ``axis_name`` and ``mask``;
+  see :class:`bn_ref.training._flax.ShardedTrainer`.
+
+``batch_size`` is the *global* batch in both. Each global batch (the same epoch permutation as on
+one device) of B images is split into N contiguous shards of ``ceil(B / N)`` images (the last
+shards shorter, possibly empty, on the last batch of an epoch). Each shard's loss is the *sum* of
+its per-sample losses divided by B, so the gradients summed over shards equal the gradient of
+the mean loss over the global batch (DDP averages over ranks, hence its loss is multiplied by N).
+Metrics are reduced over ranks/devices once per epoch; only rank 0 logs and writes the outputs
+(same formats; ``config`` records ``nproc``/``devices``).
 """
 
 from __future__ import annotations
@@ -63,6 +84,8 @@ class TrainConfig:
     limit_train: int | None = None
     limit_test: int | None = None
     progress: bool = True
+    nproc: int = 1
+    devices: int = 1
     extra: dict[str, Any] = field(default_factory=dict)
 
     def validate(self) -> None:
@@ -81,6 +104,14 @@ class TrainConfig:
             raise ValueError(f"--batch-size must be an integer >= 2; got {self.batch_size!r}")
         if self.device not in ("auto", "cpu", "cuda", "gpu"):
             raise ValueError(f"--device must be one of auto, cpu, cuda, gpu; got {self.device!r}")
+        for name, flag in (("nproc", "--nproc"), ("devices", "--devices")):
+            v = getattr(self, name)
+            if not (isinstance(v, int) and not isinstance(v, bool) and v >= 1):
+                raise ValueError(f"{flag} must be an integer >= 1; got {v!r}")
+        if self.nproc > 1 and self.backend != "torch":
+            raise ValueError(f"--nproc is for --backend torch (use --devices N with flax); got --nproc {self.nproc}")
+        if self.devices > 1 and self.backend != "flax":
+            raise ValueError(f"--devices is for --backend flax (use --nproc N with torch); got --devices {self.devices}")
         for name in ("limit_train", "limit_test"):
             v = getattr(self, name)
             if v is not None and not (isinstance(v, int) and v >= 2):
@@ -161,14 +192,33 @@ def plot_curves(epochs: list[dict[str, Any]], path: Path, title: str) -> bool:
     return True
 
 
-def _load_data(config: TrainConfig):
+def _load_raw(config: TrainConfig) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """uint8 (train images, train labels, test images, test labels), cut to the limits."""
     ds = data_mod.load_fashion_mnist(config.data_dir)
     xtr, ytr, xte, yte = ds.train_images, ds.train_labels, ds.test_images, ds.test_labels
     if config.limit_train:
         xtr, ytr = xtr[: config.limit_train], ytr[: config.limit_train]
     if config.limit_test:
         xte, yte = xte[: config.limit_test], yte[: config.limit_test]
+    return xtr, ytr, xte, yte
+
+
+def _as_float(raw: tuple[np.ndarray, ...]) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    xtr, ytr, xte, yte = raw
     return data_mod.to_float(xtr), ytr.astype(np.int32), data_mod.to_float(xte), yte.astype(np.int32)
+
+
+def _load_data(config: TrainConfig):
+    return _as_float(_load_raw(config))
+
+
+def shard_bounds(batch: int, nshards: int, shard: int) -> tuple[int, int]:
+    """``[lo, hi)`` of shard ``shard`` of a global batch of ``batch`` samples split ``nshards`` ways.
+
+    Contiguous shards of ``ceil(batch / nshards)`` samples; the last ones shorter or empty.
+    """
+    size = -(-batch // nshards)
+    return min(shard * size, batch), min((shard + 1) * size, batch)
 
 
 def epoch_permutation(seed: int, epoch: int, n: int) -> np.ndarray:
@@ -179,19 +229,36 @@ def epoch_permutation(seed: int, epoch: int, n: int) -> np.ndarray:
 def _backend(config: TrainConfig):
     if config.backend == "torch":
         from . import _torch as mod
-    else:
-        from . import _flax as mod
-    return mod.Trainer(config)
+
+        return mod.Trainer(config)
+    from . import _flax as mod
+
+    return mod.ShardedTrainer(config) if config.devices > 1 else mod.Trainer(config)
 
 
 def train(config: TrainConfig, *, log: Callable[[str], None] | None = None) -> dict[str, Any]:
-    """Run (or resume) a training run; returns the metrics dict also written to metrics.json."""
+    """Run (or resume) a training run; returns the metrics dict also written to metrics.json.
+
+    With ``config.nproc > 1`` (torch) this launches the worker processes and waits for them
+    (raising :class:`bn_ref.training._ddp.WorkerError` when one fails); with
+    ``config.devices > 1`` (flax) it trains data-parallel over that many JAX devices.
+    """
     config.validate()
     log = log or (lambda line: print(line, flush=True))
-    xtr, ytr, xte, yte = _load_data(config)  # raises DataError before anything is written
+    if config.backend == "torch" and config.nproc > 1:
+        from ._ddp import launch
+
+        return launch(config, log)
+    data = _load_data(config)  # raises DataError before anything is written
+    trainer = _backend(config)
+    return _loop(config, trainer, data, log)
+
+
+def _loop(config: TrainConfig, trainer: Any, data: tuple[np.ndarray, ...], log: Callable[[str], None], *, main: bool = True) -> dict[str, Any]:
+    """The epoch loop shared by every trainer; only ``main`` (rank 0) writes files."""
+    xtr, ytr, xte, yte = data
     out = Path(config.out)
     ckpt_path = out / "checkpoint.pkl"
-    trainer = _backend(config)
     trainer.setup(xtr, ytr, xte, yte)
     history: list[dict[str, Any]] = []
     start = 1
@@ -205,7 +272,8 @@ def train(config: TrainConfig, *, log: Callable[[str], None] | None = None) -> d
         history = list(ckpt["epochs"])
         start = ckpt["epoch"] + 1
         log(f"resumed from {ckpt_path} after epoch {ckpt['epoch']}")
-    out.mkdir(parents=True, exist_ok=True)
+    if main:
+        out.mkdir(parents=True, exist_ok=True)
     desc = f"{config.backend} bn={config.bn} convention={config.effective_convention} on {trainer.device_name}"
     log(f"training LeNet ({desc}); {len(xtr)} train / {len(xte)} test images, batch {config.batch_size}, lr {config.lr}")
     for epoch in range(start, config.epochs + 1):
@@ -229,6 +297,8 @@ def train(config: TrainConfig, *, log: Callable[[str], None] | None = None) -> d
             f"epoch {epoch:3d}  train loss {row['train_loss']:.4f}  train acc {row['train_acc']:.4f}  "
             f"test acc {row['test_acc']:.4f}  {row['images_per_s']:,.0f} images/s"
         )
+        if not main:
+            continue
         metrics = {"config": config.as_json(), "epochs": history}
         ckpt = {"config": config.as_json(), "epoch": epoch, "epochs": history, "state": trainer.get_state()}
         atomic_write_bytes(ckpt_path, pickle.dumps(ckpt))

@@ -1,7 +1,12 @@
-"""The PyTorch training loop of :func:`bn_ref.training.train` (LeNet from ``bn_ref.torch.lenet``)."""
+"""The PyTorch training loop of :func:`bn_ref.training.train` (LeNet from ``bn_ref.torch.lenet``).
+
+:class:`Trainer` runs on one device; :class:`DistributedTrainer` is one rank of data-parallel
+training (DDP + :func:`bn_ref.torch.convert_sync_batchnorm`), launched by :mod:`bn_ref.training._ddp`.
+"""
 
 from __future__ import annotations
 
+import warnings
 from typing import Any, Callable
 
 import numpy as np
@@ -84,4 +89,90 @@ class Trainer:
 
     def load_state(self, state: dict[str, Any]) -> None:
         self.model.load_state_dict(state["model"], strict=True)
+        self.opt.load_state_dict(state["opt"])
+
+
+class DistributedTrainer(Trainer):
+    """One rank of data-parallel training (``torch.distributed`` must be initialised).
+
+    The model is built exactly as on one device (same seed), its BN layers are swapped by
+    :func:`bn_ref.torch.convert_sync_batchnorm` (global count-weighted statistics, spec §11) and
+    it is wrapped in ``DistributedDataParallel`` (buffers are not broadcast: SyncBatchNorm keeps
+    them equal on every rank). Each global batch of B images is split by
+    :func:`bn_ref.training.shard_bounds`; this rank's loss is ``sum of its losses * P / B``, so
+    DDP's average over the P ranks is the gradient of the global batch's mean loss.
+    """
+
+    def __init__(self, config, rank: int, world_size: int, device: torch.device) -> None:
+        from torch.nn.parallel import DistributedDataParallel
+
+        from ..torch import convert_sync_batchnorm
+
+        self.config, self.rank, self.world_size, self.device = config, rank, world_size, device
+        name = str(device) if device.type == "cpu" else torch.cuda.get_device_name(device)
+        self.device_name = f"{world_size} processes ({'gloo' if device.type == 'cpu' else 'nccl'}), {name}"
+        torch.manual_seed(config.seed)
+        self.net = convert_sync_batchnorm(lenet(bn=config.bn, convention=config.effective_convention, device=device))
+        with warnings.catch_warnings():  # newer torch deprecates broadcast_buffers; its replacement is not in 2.11
+            warnings.simplefilter("ignore", FutureWarning)
+            self.model = DistributedDataParallel(
+                self.net, device_ids=[device.index] if device.type == "cuda" else None, broadcast_buffers=False
+            )
+        self.opt = torch.optim.SGD(self.net.parameters(), lr=config.lr)
+
+    def _all_reduce(self, values: list[float]) -> list[float]:
+        t = torch.tensor(values, dtype=torch.float64, device=self.device)
+        torch.distributed.all_reduce(t)
+        return t.cpu().tolist()
+
+    def train_epoch(self, perm: np.ndarray, progress: Callable[[int], None]) -> tuple[float, int]:
+        from . import shard_bounds
+
+        model, opt, bs, p = self.model, self.opt, self.config.batch_size, self.world_size
+        model.train()
+        order = torch.from_numpy(perm).to(self.device)
+        loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
+        correct = torch.zeros((), dtype=torch.long, device=self.device)
+        seen = 0
+        for start in range(0, len(perm), bs):
+            gidx = order[start : start + bs]
+            b = len(gidx)
+            if b < 2:  # the same rule as on one device (spec §7.1), decided alike on every rank
+                break
+            lo, hi = shard_bounds(b, p, self.rank)
+            idx = gidx[lo:hi]  # possibly empty: SyncBatchNorm and DDP still take part
+            xb, yb = self.xtr[idx], self.ytr[idx]
+            logits = model(xb)
+            local = F.cross_entropy(logits, yb, reduction="sum")
+            opt.zero_grad(set_to_none=True)
+            (local * (p / b)).backward()
+            opt.step()
+            with torch.no_grad():
+                loss_sum += local.detach().double()
+                correct += (logits.argmax(1) == yb).sum()
+            seen += b
+            progress(seen)
+        total_loss, total_correct = self._all_reduce([float(loss_sum), float(correct)])  # once per epoch
+        return total_loss, int(round(total_correct))
+
+    @torch.no_grad()
+    def evaluate(self) -> float:
+        from . import shard_bounds
+
+        self.net.eval()
+        lo, hi = shard_bounds(len(self.xte), self.world_size, self.rank)
+        correct = torch.zeros((), dtype=torch.long, device=self.device)
+        for start in range(lo, hi, EVAL_BATCH):
+            stop = min(start + EVAL_BATCH, hi)
+            correct += (self.net(self.xte[start:stop]).argmax(1) == self.yte[start:stop]).sum()
+        return self._all_reduce([float(correct)])[0] / len(self.xte)
+
+    def get_state(self) -> dict[str, Any]:
+        return {
+            "model": {k: v.detach().cpu().clone() for k, v in self.net.state_dict().items()},
+            "opt": self.opt.state_dict(),
+        }
+
+    def load_state(self, state: dict[str, Any]) -> None:
+        self.net.load_state_dict(state["model"], strict=True)
         self.opt.load_state_dict(state["opt"])

@@ -1,6 +1,13 @@
 """The ``train`` and ``port`` subcommands of ``bn-ref`` (wired up in ``bn_ref.__main__``).
 
-Bad arguments give one line on stderr and exit status 2, and nothing is written.
+Bad arguments give one line on stderr and exit status 2, and nothing is written. A failed worker
+of data-parallel training (``--nproc N``) gives one line and exit status 1.
+
+Data-parallel training: ``bn-ref train --backend torch --nproc N`` (N processes, DDP + bn-ref
+SyncBatchNorm, gloo on CPU / NCCL on CUDA) and ``bn-ref train --backend flax --devices N`` (N JAX
+devices). For ``--devices N`` on the CPU, JAX needs N host devices: when JAX is not yet imported,
+``--xla_force_host_platform_device_count=N`` is added to ``XLA_FLAGS`` here (unless XLA_FLAGS
+already sets a count); otherwise start Python with that flag.
 """
 
 from __future__ import annotations
@@ -20,6 +27,10 @@ class UsageError(Exception):
     """A bad argument: reported as one line, exit status 2."""
 
 
+class RunError(Exception):
+    """A run that failed after starting (e.g. a data-parallel worker): one line, exit status 1."""
+
+
 class _Parser(argparse.ArgumentParser):
     """argparse, but a bad argument is one line on stderr (no usage dump) and exit status 2."""
 
@@ -33,6 +44,9 @@ def _one_line_errors(fn, argv: Sequence[str]) -> int:
     except UsageError as exc:
         print(f"bn-ref: error: {exc}", file=sys.stderr)
         return 2
+    except RunError as exc:
+        print(f"bn-ref: error: {exc}", file=sys.stderr)
+        return 1
 
 
 def _train_parser() -> argparse.ArgumentParser:
@@ -51,7 +65,18 @@ def _train_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit-train", type=int, default=None, help="use only the first N training images")
     p.add_argument("--limit-test", type=int, default=None, help="use only the first N test images")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--nproc", type=int, default=1, help="torch: data-parallel over N processes (DDP + sync BN); --batch-size is global")
+    p.add_argument("--devices", type=int, default=1, help="flax: data-parallel over N JAX devices; --batch-size is global")
     return p
+
+
+def _host_devices_flag(n: int) -> None:
+    """Ask JAX for ``n`` host CPU devices, when it is not imported yet and XLA_FLAGS sets no count."""
+    import os
+
+    flags = os.environ.get("XLA_FLAGS", "")
+    if n > 1 and "jax" not in sys.modules and "xla_force_host_platform_device_count" not in flags:
+        os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={n}".strip()
 
 
 def train_main(argv: Sequence[str]) -> int:
@@ -79,12 +104,20 @@ def _run_train(argv: Sequence[str]) -> int:
         limit_train=args.limit_train,
         limit_test=args.limit_test,
         progress=not args.no_progress and sys.stderr.isatty(),
+        nproc=args.nproc,
+        devices=args.devices,
     )
+    from ._ddp import WorkerError
+
     try:
         config.validate()
         if args.data_dir is not None and not Path(args.data_dir).is_dir():
             raise UsageError(f"--data-dir {args.data_dir}: no such folder")
+        if config.backend == "flax":
+            _host_devices_flag(config.devices)
         train(config)
+    except WorkerError as exc:
+        raise RunError(str(exc)) from exc
     except (ValueError, UsageError, FileNotFoundError, data.DataError) as exc:
         raise UsageError(str(exc)) from exc
     return 0
