@@ -160,6 +160,27 @@ def _cast_grad(g: torch.Tensor, dtype: torch.dtype | None, needed: bool) -> torc
 # -- the closed-form backward as autograd Functions ------------------------------------------
 
 
+def _input_grad(
+    dya: torch.Tensor,
+    x_hat: torch.Tensor,
+    inv_std_b: torch.Tensor,
+    weight: torch.Tensor | None,
+    sum_dy: torch.Tensor,
+    sum_dy_xhat: torch.Tensor,
+    n: int,
+    out_dtype: torch.dtype,
+) -> torch.Tensor:
+    """§5.1: dx = g * inv_std * (dy - sum(dy)/n - x_hat * sum(dy * x_hat)/n), per channel.
+
+    ``dya``, ``x_hat`` are in the compute dtype, ``inv_std_b`` is broadcastable against them, and
+    the sums are (C,) over the ``n`` values of each channel (the global ones under §11.6).
+    """
+    bshape = inv_std_b.shape
+    scale = inv_std_b if weight is None else _per_channel(weight, dya.dtype, bshape) * inv_std_b
+    dx = scale * (dya - (sum_dy / n).reshape(bshape) - x_hat * (sum_dy_xhat / n).reshape(bshape))
+    return dx.to(out_dtype)
+
+
 class BatchNormTrainFunction(torch.autograd.Function):
     """Training-mode BN with the closed-form gradient of §5.1.
 
@@ -224,12 +245,7 @@ class BatchNormTrainFunction(torch.autograd.Function):
         x_hat = (xa - mean.reshape(bshape)) * inv_std_b
         dbeta = dya.sum(dim=red)  # §5.1
         dgamma = (dya * x_hat).sum(dim=red)  # §5.1
-        dx = None
-        if needs_x:
-            scale = inv_std_b if weight is None else _per_channel(weight, acc, bshape) * inv_std_b
-            # §5.1: dx = g * inv_std * (dy - mean(dy) - x_hat * mean(dy * x_hat))
-            dx = scale * (dya - (dbeta / n).reshape(bshape) - x_hat * (dgamma / n).reshape(bshape))
-            dx = dx.to(x.dtype)
+        dx = _input_grad(dya, x_hat, inv_std_b, weight, dbeta, dgamma, n, x.dtype) if needs_x else None
         d_weight = _cast_grad(dgamma, None if weight is None else weight.dtype, needs_w)
         d_bias = _cast_grad(dbeta, ctx.bias_dtype, needs_b)
         return dx, d_weight, d_bias, None, None

@@ -46,7 +46,7 @@ from .functional import (
     _cast_grad,
     _dtype_name,
     _ema_,
-    _per_channel,
+    _input_grad,
     batch_statistics,
     compute_dtype,
 )
@@ -187,12 +187,8 @@ class SyncBatchNormFunction(torch.autograd.Function):
         sums = torch.cat([dbeta, dgamma]).to(torch.float64)
         torch.distributed.all_reduce(sums, group=ctx.group)  # §11.6: global sum(dy), sum(dy * x_hat)
         dbeta_g, dgamma_g = sums[:c].to(acc), sums[c:].to(acc)
-        dx = None
-        if needs_x:
-            scale = inv_std_b if weight is None else _per_channel(weight, acc, bshape) * inv_std_b
-            # §5.1 with the global n: dx = g * s * (dy - sum_g(dy)/n - x_hat * sum_g(dy x_hat)/n)
-            dx = scale * (dya - (dbeta_g / n).reshape(bshape) - x_hat * (dgamma_g / n).reshape(bshape))
-            dx = dx.to(x.dtype)
+        # §5.1 with the global n and the global sums (§11.6)
+        dx = _input_grad(dya, x_hat, inv_std_b, weight, dbeta_g, dgamma_g, n, x.dtype) if needs_x else None
         d_weight = _cast_grad(dgamma, None if weight is None else weight.dtype, needs_w)
         d_bias = _cast_grad(dbeta, ctx.bias_dtype, needs_b)
         return dx, d_weight, d_bias, None, None, None, None
