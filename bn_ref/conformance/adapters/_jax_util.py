@@ -67,3 +67,19 @@ class JitCache:
             fn = jax.jit(build()) if os.environ.get("BN_REF_CONFORMANCE_JIT") else build()
             self._fns[key] = fn
         return fn
+
+
+def linen_train_vjp(mod: Any) -> Callable[..., Any]:
+    """``f(x, params, stats, dy) -> (y, new_batch_stats, dx, dparams)`` for a linen BN module:
+    one apply with ``batch_stats`` mutable, and the VJP of y with respect to x and the params."""
+
+    def f(x: Any, params: Any, stats: Any, dy: Any) -> Any:
+        def fwd(x: Any, params: Any) -> Any:
+            y, upd = mod.apply({"params": params, "batch_stats": stats}, x, mutable=["batch_stats"])
+            return y, upd["batch_stats"]
+
+        y, vjp, new = jax.vjp(fwd, x, params, has_aux=True)
+        dx, dp = vjp(dy)
+        return y, new, dx, dp
+
+    return f

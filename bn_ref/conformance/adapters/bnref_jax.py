@@ -82,16 +82,7 @@ class LinenAdapter(_Base):
             mod = bf.BatchNorm(use_running_average=not training, convention=conv, use_scale=affine,
                                use_bias=affine, dtype=ju.DTYPES[case.dtype], param_dtype=ju.param_dtype(case))
 
-            def f(x, params, stats, dy):
-                def fwd(x, params):
-                    y, upd = mod.apply({"params": params, "batch_stats": stats}, x, mutable=["batch_stats"])
-                    return y, upd["batch_stats"]
-
-                y, vjp, new = jax.vjp(fwd, x, params, has_aux=True)
-                dx, dp = vjp(dy)
-                return y, new, dx, dp
-
-            return f
+            return ju.linen_train_vjp(mod)
 
         fn = self._cache.get(key, build)
         i = self._inputs(case)

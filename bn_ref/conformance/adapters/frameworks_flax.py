@@ -7,7 +7,6 @@ from __future__ import annotations
 from typing import Any
 
 import flax
-import jax
 from flax import linen as nn
 from flax import nnx
 
@@ -44,16 +43,7 @@ class FlaxLinenAdapter(_Base):
                                epsilon=case.eps, use_scale=affine, use_bias=affine, dtype=ju.DTYPES[case.dtype],
                                param_dtype=ju.param_dtype(case), use_fast_variance=self.fast)
 
-            def f(x, params, stats, dy):
-                def fwd(x, params):
-                    y, upd = mod.apply({"params": params, "batch_stats": stats}, x, mutable=["batch_stats"])
-                    return y, upd["batch_stats"]
-
-                y, vjp, new = jax.vjp(fwd, x, params, has_aux=True)
-                dx, dp = vjp(dy)
-                return y, new, dx, dp
-
-            return f
+            return ju.linen_train_vjp(mod)
 
         fn = self._cache.get(key, build)
         i = self._inputs(case)
