@@ -58,3 +58,19 @@ def run_with_grad(case: Case, device: str, fwd: Callable[[torch.Tensor], Any], p
         if params[1] is not None:
             out["dbeta"] = numpy_out(params[1].grad)
     return out
+
+
+def load_case_state(m: Any, case: Case, device: Any) -> list[Any]:
+    """Put the case's running statistics, step count and affine parameters into a BN module
+    (bn-ref's or torch.nn's; same buffer names), set its mode, and return ``[weight, bias]``
+    (``[None, None]`` without affine) for :func:`run_with_grad`."""
+    with torch.no_grad():
+        m.running_mean.copy_(tensor(case.running_mean, case, device))
+        m.running_var.copy_(tensor(case.running_var, case, device))
+        m.num_batches_tracked.fill_(case.count)
+        if case.affine:
+            m.weight.copy_(tensor(case.gamma, case, device))
+            m.bias.copy_(tensor(case.beta, case, device))
+    m.zero_grad(set_to_none=True)
+    m.train(case.training)
+    return [m.weight, m.bias] if case.affine else [None, None]

@@ -73,16 +73,7 @@ class ModuleAdapter:
 
     def run(self, case: Case) -> dict[str, Any]:
         m = self._module(case)
-        with torch.no_grad():
-            m.running_mean.copy_(tu.tensor(case.running_mean, case, self.device))
-            m.running_var.copy_(tu.tensor(case.running_var, case, self.device))
-            m.num_batches_tracked.fill_(case.count)
-            if case.affine:
-                m.weight.copy_(tu.tensor(case.gamma, case, self.device))
-                m.bias.copy_(tu.tensor(case.beta, case, self.device))
-        m.zero_grad(set_to_none=True)
-        m.train(case.training)
-        params = [m.weight, m.bias] if case.affine else [None, None]
+        params = tu.load_case_state(m, case, self.device)
         out = tu.run_with_grad(case, self.device, m, params)
         out["running_mean"], out["running_var"] = numpy_out(m.running_mean), numpy_out(m.running_var)
         return out

@@ -43,16 +43,7 @@ class TorchModuleAdapter:
             m = _MODULES[case.rank](c, eps=case.eps, momentum=case.momentum, affine=case.affine,
                                     device=self.device, dtype=tu.DTYPES[case.dtype])
             self._cache[key] = m
-        with torch.no_grad():
-            m.running_mean.copy_(tu.tensor(case.running_mean, case, self.device))
-            m.running_var.copy_(tu.tensor(case.running_var, case, self.device))
-            m.num_batches_tracked.fill_(case.count)
-            if case.affine:
-                m.weight.copy_(tu.tensor(case.gamma, case, self.device))
-                m.bias.copy_(tu.tensor(case.beta, case, self.device))
-        m.zero_grad(set_to_none=True)
-        m.train(case.training)
-        out = tu.run_with_grad(case, self.device, m, [m.weight, m.bias] if case.affine else [None, None])
+        out = tu.run_with_grad(case, self.device, m, tu.load_case_state(m, case, self.device))
         out["running_mean"], out["running_var"] = numpy_out(m.running_mean), numpy_out(m.running_var)
         return out
 
