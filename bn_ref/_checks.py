@@ -8,11 +8,67 @@ is touched; callers run them before they compute or update anything.
 from __future__ import annotations
 
 import numbers
-from typing import Sequence
+from typing import NamedTuple, Sequence
 
 from .conventions import Convention
 
 FLOAT_DTYPES = ("float16", "bfloat16", "float32", "float64")
+
+
+class ShapeMismatchError(ValueError, RuntimeError):
+    """A per-channel array whose size does not match the input's feature axis.
+
+    It is a ``ValueError`` (bn-ref's contract for bad input) and a ``RuntimeError`` (what PyTorch
+    raises for the same mistake), so code written against either keeps catching it.
+    """
+
+
+class Layout(NamedTuple):
+    """Where the features sit in an input, and what the statistics reduce over (§6).
+
+    Attributes:
+        axis: the feature axis, non-negative.
+        c: the number of features (channels), ``shape[axis]``.
+        n: values reduced per channel, ``N * prod(spatial)``.
+        bshape: the shape a (C,) array takes to broadcast against the input.
+        reduce: every axis except ``axis``.
+    """
+
+    axis: int
+    c: int
+    n: int
+    bshape: tuple[int, ...]
+    reduce: tuple[int, ...]
+
+
+def broadcast_shape(ndim: int, ax: int, c: int) -> tuple[int, ...]:
+    """The shape of a (C,) array broadcast against a rank-``ndim`` input with features on ``ax``."""
+    return tuple(c if i == ax else 1 for i in range(ndim))
+
+
+def layout(shape: Sequence[int], axis: int, *, name: str = "x") -> Layout:
+    """Check an input's shape (§6) and return its :class:`Layout`."""
+    ax, c, n = check_input(shape, axis, name=name)
+    ndim = len(tuple(shape))
+    return Layout(ax, c, n, broadcast_shape(ndim, ax, c), reduction_axes(ndim, ax))
+
+
+def check_num_features(num_features: object) -> int:
+    """A layer's ``num_features`` is an int >= 1 (the size C of the feature axis)."""
+    if not isinstance(num_features, numbers.Integral) or isinstance(num_features, bool) or num_features < 1:
+        raise ValueError(f"num_features must be an int >= 1; got {num_features!r}")
+    return int(num_features)
+
+
+def check_running_pair(has_mean: bool, has_var: bool, *, training: bool) -> None:
+    """The running statistics come together (§3), and eval needs them (§4)."""
+    if has_mean != has_var:
+        raise ValueError("running_mean and running_var must be given together (both arrays or both None)")
+    if not training and not has_mean:
+        raise ValueError(
+            "eval (training=False) normalizes with the running statistics (spec §4): running_mean and "
+            "running_var are required; got None"
+        )
 
 
 def normalize_axis(ndim: int, axis: int) -> int:
@@ -64,7 +120,7 @@ def check_per_channel(name: str, shape: Sequence[int] | None, c: int, ax: int, x
         return
     shape = tuple(int(s) for s in shape)
     if shape != (c,):
-        raise ValueError(
+        raise ShapeMismatchError(
             f"{name} must have shape (C,) = ({c},) to match feature axis {ax} of x.shape {tuple(x_shape)}; "
             f"got shape {shape}"
         )
@@ -94,15 +150,14 @@ def check_count(count: object) -> int:
 
 def check_batch(n: int, x_shape: Sequence[int], convention: Convention, *, training: bool) -> None:
     """Training needs values to reduce over (§7.3), and n = 1 follows ``single_value`` (§7.1)."""
-    if not training:
+    if not convention.rejects_batch(n, training=training):
         return
     if n == 0:
         raise ValueError(
             f"cannot compute batch statistics of an empty batch: x.shape {tuple(x_shape)} has n = 0 "
             "values per channel (spec §7.3)"
         )
-    if n == 1 and convention.single_value == "error":
-        raise ValueError(
-            f"expected more than 1 value per channel when training, got x.shape {tuple(x_shape)} "
-            f"(n = 1); convention {convention.name!r} has single_value='error' (spec §7.1)"
-        )
+    raise ValueError(
+        f"expected more than 1 value per channel when training, got x.shape {tuple(x_shape)} "
+        f"(n = 1); convention {convention.name!r} has single_value='error' (spec §7.1)"
+    )

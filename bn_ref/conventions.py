@@ -145,6 +145,37 @@ class Convention:
         # An array n (a global count under cross-device statistics): n / max(n - 1, 1).
         return n / (n - 1).clip(1)
 
+    def momentum_spelled(self, term: MomentumOn) -> float | None:
+        """This convention's momentum as written by a framework that weights ``term`` (§3.5).
+
+        The same running update is ``r <- (1 - m) r + m b`` with ``m`` on the batch term and
+        ``r <- m' r + (1 - m') b`` with ``m'`` on the running term, so ``m' = 1 - m``::
+
+            >>> get_convention("pytorch").momentum_spelled("running")
+            0.9
+            >>> get_convention("flax").momentum_spelled("running")
+            0.99
+
+        ``momentum=None`` (the cumulative average, §3.3) has no fixed spelling and returns None;
+        callers whose target cannot express it say so.
+        """
+        if term not in _MOMENTUM_ON:
+            raise ValueError(f"term must be one of {_MOMENTUM_ON}; got {term!r}")
+        if self.momentum is None:
+            return None
+        m = float(self.momentum)
+        return m if term == self.momentum_on else 1.0 - m
+
+    def rejects_batch(self, n: int, *, training: bool) -> bool:
+        """Whether a step with ``n`` values per channel is an error under this convention (§7).
+
+        Only training reduces over the batch: there, n = 0 is always an error (§7.3) and n = 1
+        is one exactly when ``single_value="error"`` (§7.1). Eval never rejects a batch.
+        """
+        if not training:
+            return False
+        return n == 0 or (n == 1 and self.single_value == "error")
+
     @property
     def description(self) -> str:
         """One line saying which framework and version this convention reproduces (presets only)."""

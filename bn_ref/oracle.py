@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 
 from . import _checks
-from .conventions import ConventionLike, get_convention
+from .conventions import Convention, ConventionLike, get_convention
 
 __all__ = ["ForwardResult", "forward", "backward", "normalized", "condition_number"]
 
@@ -61,26 +61,35 @@ def _as_float64(name: str, a: Any, *, optional: bool = False) -> np.ndarray | No
     return arr.astype(np.float64)
 
 
-def _prepare(x, params: dict[str, Any], axis: int | None, convention: ConventionLike):
-    """Validate and convert; returns (conv, x64, ax, c, n, bshape, red, params64)."""
+@dataclass(frozen=True)
+class _Prepared:
+    """Validated float64 inputs: the convention, x, its layout and the per-channel arrays."""
+
+    conv: Convention
+    x: np.ndarray
+    lay: _checks.Layout
+    params: dict[str, np.ndarray | None]
+
+
+def _prepare(x: Any, params: dict[str, Any], axis: int | None, convention: ConventionLike) -> _Prepared:
+    """Validate and convert to float64 (§1, §6, §8.3)."""
     conv = get_convention(convention)
     x64 = _as_float64("x", x)
-    ax, c, n = _checks.check_input(x64.shape, conv.feature_axis if axis is None else axis)
-    out = {}
+    assert x64 is not None
+    lay = _checks.layout(x64.shape, conv.feature_axis if axis is None else axis)
+    out: dict[str, np.ndarray | None] = {}
     for key, value in params.items():
         arr = _as_float64(key, value, optional=True)
-        _checks.check_per_channel(key, None if arr is None else arr.shape, c, ax, x64.shape)
+        _checks.check_per_channel(key, None if arr is None else arr.shape, lay.c, lay.axis, x64.shape)
         out[key] = arr
-    bshape = tuple(c if i == ax else 1 for i in range(x64.ndim))
-    red = _checks.reduction_axes(x64.ndim, ax)
-    return conv, x64, ax, c, n, bshape, red, out
+    return _Prepared(conv, x64, lay, out)
 
 
-def _batch_stats(x64: np.ndarray, red: tuple[int, ...], bshape: tuple[int, ...]):
-    """§2.1: two-pass mean and biased variance per channel."""
-    mean = x64.mean(axis=red)
-    centred = x64 - mean.reshape(bshape)
-    var = np.mean(centred * centred, axis=red)
+def _batch_stats(x64: np.ndarray, lay: _checks.Layout) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """§2.1: two-pass mean and biased variance per channel; also the centred input."""
+    mean = x64.mean(axis=lay.reduce)
+    centred = x64 - mean.reshape(lay.bshape)
+    var = np.mean(centred * centred, axis=lay.reduce)
     return mean, centred, var
 
 
@@ -119,19 +128,20 @@ def forward(
     """
     training = _checks.check_flag("training", training)
     count = _checks.check_count(count)
-    conv, x64, ax, c, n, bshape, red, p = _prepare(
+    prep = _prepare(
         x,
         {"gamma": gamma, "beta": beta, "running_mean": running_mean, "running_var": running_var},
         axis,
         convention,
     )
+    conv, x64, lay, p = prep.conv, prep.x, prep.lay, prep.params
+    n, bshape = lay.n, lay.bshape
     rm, rv = p["running_mean"], p["running_var"]
-    if (rm is None) != (rv is None):
-        raise ValueError("running_mean and running_var must be given together (both arrays or both None)")
+    _checks.check_running_pair(rm is not None, rv is not None, training=training)
     _checks.check_batch(n, x64.shape, conv, training=training)
 
     if training:
-        mean, centred, var = _batch_stats(x64, red, bshape)  # §2.1
+        mean, centred, var = _batch_stats(x64, lay)  # §2.1
         inv_std = 1.0 / np.sqrt(var + conv.eps)  # §2.2
         x_hat = centred * inv_std.reshape(bshape)
         if rm is not None:
@@ -142,8 +152,7 @@ def forward(
             new_rm = new_rv = None
         batch_mean, batch_var, new_count = mean, var, count + 1
     else:
-        if rm is None:
-            raise ValueError("eval (training=False) normalizes with the running statistics: running_mean and running_var are required")
+        assert rm is not None and rv is not None
         x_hat = (x64 - rm.reshape(bshape)) / np.sqrt(rv + conv.eps).reshape(bshape)  # §4
         new_rm, new_rv = rm.copy(), rv.copy()
         batch_mean = batch_var = None
@@ -192,10 +201,11 @@ def backward(
         dbeta (C,), the gradient for a shift whether or not the layer has one.
     """
     training = _checks.check_flag("training", training)
-    conv, x64, ax, c, n, bshape, red, p = _prepare(
-        x, {"gamma": gamma, "running_mean": running_mean, "running_var": running_var}, axis, convention
-    )
+    prep = _prepare(x, {"gamma": gamma, "running_mean": running_mean, "running_var": running_var}, axis, convention)
+    conv, x64, lay, p = prep.conv, prep.x, prep.lay, prep.params
+    n, bshape, red = lay.n, lay.bshape, lay.reduce
     dy64 = _as_float64("dy", dy)
+    assert dy64 is not None
     if dy64.shape != x64.shape:
         raise ValueError(f"dy must have the shape of x, {tuple(x64.shape)}; got {tuple(dy64.shape)}")
     _checks.check_batch(n, x64.shape, conv, training=training)
@@ -204,7 +214,7 @@ def backward(
 
     dbeta = dy64.sum(axis=red)
     if training:
-        _, centred, var = _batch_stats(x64, red, bshape)
+        _, centred, var = _batch_stats(x64, lay)
         inv_std = (1.0 / np.sqrt(var + conv.eps)).reshape(bshape)
         x_hat = centred * inv_std
         dgamma = (dy64 * x_hat).sum(axis=red)
@@ -212,8 +222,8 @@ def backward(
         dx = g_b * inv_std * (dy64 - (dbeta / n).reshape(bshape) - x_hat * (dgamma / n).reshape(bshape))
     else:
         rm, rv = p["running_mean"], p["running_var"]
-        if rm is None or rv is None:
-            raise ValueError("eval backward (training=False) needs running_mean and running_var")
+        _checks.check_running_pair(rm is not None, rv is not None, training=False)
+        assert rm is not None and rv is not None
         inv_std = (1.0 / np.sqrt(rv + conv.eps)).reshape(bshape)
         x_hat = (x64 - rm.reshape(bshape)) * inv_std
         dgamma = (dy64 * x_hat).sum(axis=red)
@@ -223,9 +233,9 @@ def backward(
 
 def normalized(x: Any, *, convention: ConventionLike, axis: int | None = None) -> np.ndarray:
     """x_hat of a training step (§2.2), float64: handy for invariance checks."""
-    conv, x64, ax, c, n, bshape, red, _ = _prepare(x, {}, axis, convention)
-    _, centred, var = _batch_stats(x64, red, bshape)
-    return centred / np.sqrt(var + conv.eps).reshape(bshape)
+    prep = _prepare(x, {}, axis, convention)
+    _, centred, var = _batch_stats(prep.x, prep.lay)
+    return centred / np.sqrt(var + prep.conv.eps).reshape(prep.lay.bshape)
 
 
 def condition_number(x: Any, *, convention: ConventionLike, axis: int | None = None) -> float:
@@ -235,10 +245,11 @@ def condition_number(x: Any, *, convention: ConventionLike, axis: int | None = N
     rounding x (and its mean) to a working precision is amplified in x_hat. Tolerances for
     low-precision comparisons scale with it.
     """
-    conv, x64, ax, c, n, bshape, red, _ = _prepare(x, {}, axis, convention)
-    if n == 0 or not np.isfinite(x64).any():
+    prep = _prepare(x, {}, axis, convention)
+    conv, x64, red = prep.conv, prep.x, prep.lay.reduce
+    if prep.lay.n == 0 or not np.isfinite(x64).any():
         return 1.0
-    _, _, var = _batch_stats(x64, red, bshape)
+    _, _, var = _batch_stats(x64, prep.lay)
     with np.errstate(invalid="ignore"):
         peak = np.nanmax(np.where(np.isfinite(x64), np.abs(x64), np.nan), axis=red)
         kappa = peak / np.sqrt(var + conv.eps)

@@ -257,7 +257,7 @@ def instantiate(spec: CaseSpec, convention: Convention) -> list[Case]:
                 id=cid,
                 convention=conv,
                 layout=spec.layout,
-                expect_error=training and n == 1 and conv.single_value == "error",
+                expect_error=conv.rejects_batch(n, training=training),
                 step=k,
                 spec_id=spec.id,
                 replicas=spec.replicas,

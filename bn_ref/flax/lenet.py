@@ -57,9 +57,7 @@ def native_batchnorm_kwargs(convention: ConventionLike) -> dict[str, Any]:
             f"convention {conv.name!r} stores the unbiased running variance (spec §3.4), but "
             "flax.linen.BatchNorm always stores the biased batch variance; use bn='ref'"
         )
-    m = float(conv.momentum)
-    flax_momentum = m if conv.momentum_on == "running" else 1.0 - m
-    return {"momentum": flax_momentum, "epsilon": float(conv.eps), "axis": -1, "use_fast_variance": False}
+    return {"momentum": conv.momentum_spelled("running"), "epsilon": float(conv.eps), "axis": -1, "use_fast_variance": False}
 
 
 class LeNet(nn.Module):

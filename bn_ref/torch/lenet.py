@@ -61,13 +61,7 @@ def native_batch_norm_kwargs(convention: ConventionLike) -> dict[str, Any]:
             f"convention {conv.name!r} stores the {conv.running_var} running variance; torch.nn.BatchNorm "
             "always stores the unbiased one (spec §3.4), so bn='native' cannot express it (use bn='ref')"
         )
-    if conv.momentum is None:
-        momentum = None
-    elif conv.momentum_on == "batch":
-        momentum = conv.momentum
-    else:
-        momentum = 1.0 - conv.momentum
-    return {"eps": conv.eps, "momentum": momentum}
+    return {"eps": conv.eps, "momentum": conv.momentum_spelled("batch")}
 
 
 def lenet(

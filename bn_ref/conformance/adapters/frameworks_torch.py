@@ -3,6 +3,7 @@ and ``torch.nn.functional.batch_norm``, on CPU and CUDA."""
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import torch
@@ -68,7 +69,8 @@ class TorchFunctionalAdapter:
         for p in (w, b):
             if p is not None:
                 p.requires_grad_(True)
-        momentum = 1.0 / (case.count + 1) if case.momentum is None else case.momentum
+        # F.batch_norm's momentum is the batch weight of this one step (§3.1, §3.3).
+        _, momentum = dataclasses.replace(self.convention, momentum=case.momentum).update_weights(case.count)
 
         def fwd(x: torch.Tensor) -> torch.Tensor:
             return F.batch_norm(x, rm, rv, w, b, training=case.training, momentum=momentum, eps=case.eps)
