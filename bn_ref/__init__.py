@@ -14,7 +14,16 @@ from .conventions import DEFAULT, PRESETS, Convention, get_convention, resolve
 
 __version__ = "0.1.0"
 
-__all__ = ["Convention", "PRESETS", "DEFAULT", "get_convention", "resolve", "oracle", "tolerances", "__version__"]
+SPEC_VERSION = "2026.12"
+"""The version of ``docs/spec.md`` this package implements (year.month; see the spec's changelog).
+
+Reports and golden-vector manifests record it, so a result can be traced to the text it was
+checked against."""
+
+__all__ = [
+    "Convention", "PRESETS", "DEFAULT", "SPEC_VERSION", "get_convention", "resolve", "oracle", "tolerances",
+    "__version__",
+]
 
 _LAZY = {"oracle", "tolerances", "torch", "jax", "flax", "conformance", "port", "data", "training", "d2l_scratch"}
 
