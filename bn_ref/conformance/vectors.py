@@ -408,6 +408,9 @@ class _Checker:
                 continue
             stored[cid] = e
             order.append(cid)
+        if m.get("case_ids_sha256") != case_ids_digest(order):
+            self.add(MANIFEST, "case_ids_sha256", "does not match the manifest's own list of case ids "
+                     "(a case was added, removed or reordered after export)")
         wanted = set(derived_ids)
         for cid in order:
             if cid not in wanted:
