@@ -297,6 +297,14 @@ def test_export_prints_no_warnings_and_cli_exit_codes(tmp_path):
     assert r.returncode == 2 and r.stderr.startswith("error:"), r.stderr
 
 
+def test_export_of_an_empty_selection_is_a_usage_error(tmp_path, capsys):
+    assert vectors.main(["export-vectors", str(tmp_path / "v"), "-k", "no-such-case-anywhere"]) == 2
+    assert "selects no case" in capsys.readouterr().err
+    assert not (tmp_path / "v").exists()
+    assert vectors.main(["check-vectors", str(tmp_path / "v")]) == 1
+    assert "FAIL manifest: manifest.json: cannot read" in capsys.readouterr().err
+
+
 def _documented_digest() -> str:
     text = (ROOT / "docs" / "vectors.md").read_text()
     found = re.findall(r"manifest_sha256 of the committed set: `([0-9a-f]{64})`", text)

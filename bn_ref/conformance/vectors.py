@@ -198,12 +198,15 @@ def export_vectors(directory: str | os.PathLike, *, k: str | None = None,
     unknown = [p for p in presets if p not in PRESETS]
     if unknown:
         raise ValueError(f"conventions: unknown preset(s) {unknown}; known: {', '.join(PRESETS)}")
+    plan = list(_plan(k, presets))
+    if not plan:
+        raise ValueError(f"-k {k!r} selects no case (see python -m bn_ref.conformance --list)")
     root = Path(directory)
     root.mkdir(parents=True, exist_ok=True)
     entries: list[dict[str, Any]] = []
     files: dict[str, str] = {}
     rm = rv = None
-    for step in _plan(k, presets):
+    for step in plan:
         if step.case.step == 0:
             rm, rv = step.case.running_mean, step.case.running_var
         case = step.case.with_state(rm, rv, step.case.count)
@@ -337,7 +340,7 @@ class _Checker:
                     self.add(case, sub, "missing")
                     ok = False
                 elif key not in derived:
-                    self.add(case, sub, f"{stored[key]!r} is not a field of the format")
+                    self.add(case, sub, f"{stored[key]!r}: no such field here")
                     ok = False
                 else:
                     ok = self.compare(case, sub, stored[key], derived[key]) and ok
@@ -397,6 +400,7 @@ class _Checker:
             self.add(MANIFEST, "cases", "missing or not a list")
             return
         stored: dict[str, dict[str, Any]] = {}
+        first_at: dict[str, int] = {}
         order: list[str] = []
         for i, e in enumerate(entries):
             cid = e.get("id") if isinstance(e, dict) else None
@@ -404,9 +408,9 @@ class _Checker:
                 self.add(MANIFEST, f"cases[{i}].id", "missing or not a string")
                 continue
             if cid in stored:
-                self.add(cid, "id", f"duplicated case (entries {order.index(cid)} and {i})")
+                self.add(cid, "id", f"duplicated case (cases[{first_at[cid]}] and cases[{i}])")
                 continue
-            stored[cid] = e
+            stored[cid], first_at[cid] = e, i
             order.append(cid)
         if m.get("case_ids_sha256") != case_ids_digest(order):
             self.add(MANIFEST, "case_ids_sha256", "does not match the manifest's own list of case ids "
