@@ -77,7 +77,11 @@ def installed(tmp_path_factory) -> Path:
     py = venv / ("Scripts" if os.name == "nt" else "bin") / "python"
     purelib = Path(_run([str(py), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
                         cwd=tmp, env=env).stdout.strip())
-    parents = [p for p in site.getsitepackages() if Path(p).is_dir()]
+    # This environment's package directories, including any a .pth file added (as in a venv layered
+    # on another); in sys.path order, which the fresh venv keeps after its own site-packages.
+    cands = [*sys.path, *site.getsitepackages()]
+    parents = list(dict.fromkeys(p for p in cands if Path(p).name in ("site-packages", "dist-packages")
+                                 and Path(p).is_dir()))
     (purelib / "zz_parent_env.pth").write_text("".join(f"{p}\n" for p in parents))
     # Install with this environment's pip (visible through the .pth) into the venv, ignoring any
     # bn-ref this environment may hold (an editable install under nox).
