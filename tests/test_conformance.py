@@ -16,6 +16,7 @@ import pytest
 from bn_ref.conformance import cases as cs
 from bn_ref.conformance import engine, vectors
 from bn_ref.conformance.adapters import load
+from bn_ref.conformance.cli import default_ledger_path
 from bn_ref.conventions import PRESETS
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -168,7 +169,7 @@ def test_ledger_rejects_incomplete_entries(tmp_path):
 
 
 def test_shipped_ledger_parses():
-    entries = engine.load_ledger(str(ROOT / "conformance" / "ledger.toml"))
+    entries = engine.load_ledger(default_ledger_path())
     assert len(entries) >= 1 and all(e.reason for e in entries)
 
 
@@ -414,7 +415,7 @@ def test_builtin_jax_and_framework_rows_find_the_recorded_deviations(tmp_path):
     for m in ("frameworks_flax", "bnref_jax", "keras_adapter", "onnx_adapter"):
         args += ["--adapter", f"bn_ref.conformance.adapters.{m}:factory"]
     r = _cli(*args, "-k", "rank4-float64 or large-mean-float32", "-q", "--json", str(tmp_path / "r.json"),
-             "--ledger", str(ROOT / "conformance" / "ledger.toml"), timeout=300)
+             "--ledger", default_ledger_path(), timeout=300)
     assert r.returncode == 0, r.stdout[-4000:]
     rows = {a["name"]: a for a in json.loads((tmp_path / "r.json").read_text())["adapters"]}
     assert len(rows) >= 11, sorted(rows)  # 4 Flax + 4 bn-ref JAX + Keras + 2 ONNX on CPU

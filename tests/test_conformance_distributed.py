@@ -25,6 +25,7 @@ import pytest
 from bn_ref.conformance import cases as cs
 from bn_ref.conformance import engine
 from bn_ref.conformance.adapters import _workers
+from bn_ref.conformance.cli import default_ledger_path
 from bn_ref.conventions import PRESETS
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -193,7 +194,7 @@ def test_real_distributed_rows_on_a_k_selection(tmp_path):
     sel = "replicas2-unequal or replicas2-empty or replicas4-equal-float64 or replicas4-unequal-float64"
     r = _cli("--adapter", "bn_ref.conformance.adapters.distributed_torch:factory",
              "--adapter", "bn_ref.conformance.adapters.distributed_jax:factory",
-             "-k", sel, "-q", "--json", str(tmp_path / "r.json"), "--ledger", str(ROOT / "conformance" / "ledger.toml"))
+             "-k", sel, "-q", "--json", str(tmp_path / "r.json"), "--ledger", default_ledger_path())
     assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-3000:]
     rep = json.loads((tmp_path / "r.json").read_text())
     rows = {a["name"]: a for a in rep["adapters"]}

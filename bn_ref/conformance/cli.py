@@ -3,7 +3,10 @@
     python -m bn_ref.conformance [--json PATH] [--markdown PATH] [-k EXPR] [--adapter MOD:FACTORY ...]
                                  [--list] [--ledger PATH | --no-ledger] [--max-examples N] [--strict]
     python -m bn_ref.conformance export-vectors DIR [-k EXPR]
-    python -m bn_ref.conformance check-vectors DIR
+    python -m bn_ref.conformance check-vectors DIR [--expect-digest SHA256]
+
+The default ledger is the one shipped in the package (``bn_ref/conformance/ledger.toml``). The JSON
+report records ``spec_version``, the version of ``docs/spec.md`` the matrix checks against.
 
 Exit status: 0 when every check passed or is a recorded expected deviation; 1 on any unexpected
 failure or error (and, with ``--strict``, on ledger entries whose deviation did not occur);
@@ -13,29 +16,47 @@ failure or error (and, with ``--strict``, on ledger entries whose deviation did 
 from __future__ import annotations
 
 import argparse
+import importlib.resources as resources
 import json
 import os
 import shlex
 import sys
 import time
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
+from .. import SPEC_VERSION
 from . import report as _report
 from .adapters import BUILTIN, load
 from .cases import ALL_SPECS, compile_k, select
 from .engine import AdapterResult, load_ledger, log, run_adapter
 
-__all__ = ["main", "run", "default_ledger_path"]
+__all__ = ["main", "run", "default_ledger_path", "LEDGER_RESOURCE"]
+
+LEDGER_RESOURCE = "ledger.toml"
+"""The expected-deviation ledger, a resource of the ``bn_ref.conformance`` package."""
 
 
 def default_ledger_path() -> str | None:
-    """``conformance/ledger.toml`` in the working directory, else in the source checkout, else None."""
-    for cand in (Path.cwd() / "conformance" / "ledger.toml",
-                 Path(__file__).resolve().parents[2] / "conformance" / "ledger.toml"):
-        if cand.is_file():
-            return str(cand)
-    return None
+    """The ledger shipped inside the package (``bn_ref/conformance/ledger.toml``), or None if absent.
+
+    Found with :mod:`importlib.resources`, so a wheel install reads the same ledger as the checkout.
+    """
+    ref = resources.files("bn_ref.conformance").joinpath(LEDGER_RESOURCE)
+    if not ref.is_file():
+        return None
+    path = Path(str(ref))
+    # Installed packages are plain directories; a zipped one is extracted to a lasting copy.
+    return str(path) if path.is_file() else _extract(ref)
+
+
+def _extract(ref: Any) -> str:
+    import tempfile
+
+    fd, name = tempfile.mkstemp(prefix="bn-ref-ledger-", suffix=".toml")
+    with os.fdopen(fd, "wb") as f:
+        f.write(ref.read_bytes())
+    return name
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -123,6 +144,7 @@ def run(argv: Sequence[str]) -> int:
     command = "python -m bn_ref.conformance " + shlex.join(list(argv))
     rep = _report.build_report(results, ledger, command=command.strip(), selection=args.k, wall_s=wall,
                                ledger_path=_display_path(ledger_path))
+    rep = {"spec_version": SPEC_VERSION, **rep}  # the docs/spec.md version the matrix checks against
     print(_report.render_console(rep))
     if args.json:
         _report.write_text(args.json, json.dumps(rep, indent=1, default=str) + "\n")
