@@ -25,7 +25,7 @@ __all__ = [
     "__version__",
 ]
 
-_LAZY = {"oracle", "tolerances", "torch", "jax", "flax", "conformance", "port", "data", "training", "d2l_scratch"}
+_LAZY = {"oracle", "tolerances", "torch", "jax", "flax", "conformance", "port", "data", "training", "d2l_scratch", "variants"}
 
 
 def __getattr__(name: str) -> Any:
