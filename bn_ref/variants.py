@@ -172,10 +172,9 @@ def _chunks(n_batch: int, size: int) -> list[slice]:
     return [slice(i, min(i + size, n_batch)) for i in range(0, n_batch, size)]
 
 
-def _stats(x: np.ndarray, red: tuple[int, ...], bshape: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray]:
-    """§2.1, two-pass in float64."""
-    mean = x.mean(axis=red)
-    var = np.mean((x - mean.reshape(bshape)) ** 2, axis=red)
+def _stats(x: np.ndarray, lay: _checks.Layout) -> tuple[np.ndarray, np.ndarray]:
+    """§2.1, two-pass in float64: the oracle's own rule."""
+    mean, _, var = oracle._batch_stats(x, lay)
     return mean, var
 
 
@@ -270,7 +269,7 @@ def _renorm_forward(x64, gamma, beta, rm, rv, conv, variant, lay, count, renorm_
     if renorm_stat is None:
         renorm_stat = rv64 if variant.renorm_track == "variance" else np.sqrt(rv64 + eps)
     rmu, rstat = np.asarray(renorm_mean, np.float64), np.asarray(renorm_stat, np.float64)
-    mean, var = _stats(x64, lay.reduce, lay.bshape)
+    mean, var = _stats(x64, lay)
     std_b = np.sqrt(var + eps)  # §13.1
     # The correction pair's stddev; tf-keras floors it at sqrt(eps) (its variable starts at 0 when the
     # variance initializer is 0); under "variance" tracking sqrt(var + eps) >= sqrt(eps) already.
@@ -346,7 +345,7 @@ def backward(
         # §13.2: r and d are constants, so the layer is BN with scale gamma * r and shift gamma * d + beta.
         dx, dg_eff, db = oracle.backward(dy64, x64, g * r64, training=True, convention=conv, axis=lay.axis)
         assert dg_eff is not None
-        mean, var = _stats(x64, lay.reduce, lay.bshape)
+        mean, var = _stats(x64, lay)
         x_hat = (x64 - mean.reshape(lay.bshape)) / np.sqrt(var + conv.eps).reshape(lay.bshape)
         dgamma = (dy64 * (x_hat * r64.reshape(lay.bshape) + d64.reshape(lay.bshape))).sum(axis=lay.reduce)
         return dx, (None if gamma is None else dgamma), db
