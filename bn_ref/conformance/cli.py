@@ -151,8 +151,8 @@ def run(argv: Sequence[str]) -> int:
     specs, randoms = select(k)
     if args.list:
         for s in specs:
-            rep = f" [replicas {s.replicas}]" if s.replicas is not None else ""
-            print(f"{s.id:40s} {s.description}{rep}")
+            split = f" [replicas {s.replicas}]" if s.replicas is not None else ""
+            print(f"{s.id:40s} {s.description}{split}")
         for r in randoms:
             print(f"{r:40s} hypothesis search ({r.split('-', 1)[1]})")
         print(f"{len(specs) + len(randoms)} of {len(ALL_SPECS) + 2} cases selected", file=sys.stderr)

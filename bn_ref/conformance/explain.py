@@ -35,10 +35,11 @@ class Explanation:
 
 
 def _snapshot(case: Case) -> Case:
-    return dataclasses.replace(case, **{
+    arrays: dict[str, Any] = {
         k: None if getattr(case, k) is None else np.array(getattr(case, k), dtype=np.float64, copy=True)
         for k in ("x", "gamma", "beta", "running_mean", "running_var", "dy")
-    })
+    }
+    return dataclasses.replace(case, **arrays)
 
 
 class Recorder:
