@@ -166,6 +166,11 @@ class Misbehaves(NumpyBN):
     def name(self) -> str:
         return f"numpy-bn[{self.what} on {self.where}] @pytorch"
 
+    def skip(self, case: Any) -> str | None:
+        if self.what == "exit in skip" and self.where in case.id:
+            _exit_hard()
+        return None
+
     def run(self, case: Any) -> dict[str, Any]:
         if self.where in case.id:
             if self.what == "exit":
@@ -195,6 +200,11 @@ def hangs_on_sequence() -> Misbehaves:
 def crashes_instead_of_raising() -> Misbehaves:
     """Dies on the n = 1 case that must raise: a crash is not a conforming "raise" (an ERROR, not a pass)."""
     return Misbehaves("exit", "single-value")
+
+
+def exits_in_skip_on_nan() -> Misbehaves:
+    """Dies inside the optional ``skip(case)``: still only that case's error."""
+    return Misbehaves("exit in skip", "nan-channel")
 
 
 def empty() -> list[NumpyBN]:

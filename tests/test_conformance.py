@@ -432,7 +432,8 @@ def test_committed_golden_vectors_still_verify():
 
 # -- a harness that survives any adapter (issue 13, item 5) ---------------------------------------
 
-MISBEHAVING = ("exits_on_sequence", "segfaults_on_nan", "hangs_on_sequence", "crashes_instead_of_raising", "empty",
+MISBEHAVING = ("exits_on_sequence", "segfaults_on_nan", "hangs_on_sequence", "crashes_instead_of_raising",
+               "exits_in_skip_on_nan", "empty",
                "needs_missing_framework", "exits_on_load", "hangs_on_load")
 SURVIVE_SEL = "rank2-float64 or sequence-rank2 or nan-channel-float64 or single-value-rank2"
 
@@ -445,7 +446,7 @@ def test_isolated_adapters_crash_hang_or_build_nothing_and_the_run_goes_on(tmp_p
     assert "Traceback" not in r.stdout + r.stderr
     rep = json.loads((tmp_path / "r.json").read_text())
     rows = {a["name"]: a for a in rep["adapters"]}
-    assert len(rows) == len(MISBEHAVING) + 2, sorted(rows)  # 4 running rows, 4 load rows, correct x2
+    assert len(rows) == len(MISBEHAVING) + 2, sorted(rows)  # 5 running rows, 4 load rows, correct x2
     errors = {(c["adapter"], c["step"]): c["message"] for c in rep["non_pass_checks"] if c["status"] == "error"}
 
     def only_error(name: str, step: str, phrase: str) -> None:
@@ -462,6 +463,7 @@ def test_isolated_adapters_crash_hang_or_build_nothing_and_the_run_goes_on(tmp_p
     # A crash on the case that must raise is an error, never a conforming "raise".
     only_error("numpy-bn[exit on single-value] @pytorch", "single-value-rank2-float64", "exited with status 3")
     assert rows["numpy-bn[exit on single-value] @pytorch"]["groups"]["errors"]["status"] == "error"
+    only_error("numpy-bn[exit in skip on nan-channel] @pytorch", "nan-channel-float64/step0-train", "in skip(case)")
     assert "no adapter" in rows["broken_adapters:empty"]["build_error"]
     assert rows["broken_adapters:needs_missing_framework"]["build_error"] is None
     assert "not_installed_framework_xyz is not installed" in rows["broken_adapters:needs_missing_framework"]["build_skip"]
@@ -470,10 +472,9 @@ def test_isolated_adapters_crash_hang_or_build_nothing_and_the_run_goes_on(tmp_p
     for name in ("numpy-bn[correct] @pytorch", "numpy-bn[correct] @flax"):
         assert {c["status"] for c in rows[name]["groups"].values()} <= {"pass", "none"}, rows[name]
     t = rep["totals"]
-    assert t["build_errors"] == 3 and t["build_skips"] == 1 and t["error"] == 4
-    assert rep["unexpected"] == 7
-    assert "8 errors (3 adapters failed to load)" not in r.stdout  # the count is 4 + 3
-    assert "7 errors (3 adapters failed to load)" in r.stdout
+    assert t["build_errors"] == 3 and t["build_skips"] == 1 and t["error"] == 5
+    assert rep["unexpected"] == 8
+    assert "8 errors (3 adapters failed to load)" in r.stdout  # 5 case errors + 3 rows that did not load
 
 
 def test_a_row_that_fails_to_load_is_counted_and_an_empty_factory_is_an_error(conformance_cli):

@@ -206,6 +206,7 @@ class IsolatedAdapter:
         self._host = host
         self._index = index
         self._meta = meta
+        self._crashed_in_skip: tuple[str, str] | None = None
         self.name: str = meta["name"]
         self.convention = meta["convention"]
         self.description: str = meta["description"]
@@ -217,10 +218,17 @@ class IsolatedAdapter:
             self.skip = self._skip
 
     def _skip(self, case: Any) -> str | None:
-        reason = self._host.call("skip", self._index, case)
+        try:
+            reason = self._host.call("skip", self._index, case)
+        except AdapterCrashed as exc:  # reported by run() as this case's error (the engine does not catch skip)
+            self._crashed_in_skip = (case.id, str(exc))
+            return None
         return None if reason is None else str(reason)
 
     def run(self, case: Any) -> dict[str, Any]:
+        crashed, self._crashed_in_skip = self._crashed_in_skip, None
+        if crashed is not None and crashed[0] == case.id:
+            raise AdapterCrashed(f"in skip(case): {crashed[1]}")
         out = self._host.call("run", self._index, case)
         assert isinstance(out, dict)
         return out
