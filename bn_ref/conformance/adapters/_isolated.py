@@ -27,6 +27,7 @@ import builtins
 import os
 import signal
 import sys
+import traceback
 from typing import Any
 
 from ._workers import Worker, WorkerError, pythonpath_env, serve
@@ -52,6 +53,13 @@ def _remote_exception(type_name: str, message: str) -> Exception:
         except Exception:  # noqa: BLE001 - an exception type with another signature
             pass
     return type(type_name, (Exception,), {"__module__": "isolated_adapter"})(message)
+
+
+def _raise_at(exc: Exception, filename: str, lineno: int) -> None:
+    """Raise ``exc`` from a frame that carries the adapter's own file and line (where it raised in
+    the worker), so that a report's "(at file:line)" points into the adapter, not into this module."""
+    code = compile("\n" * max(0, int(lineno) - 1) + "raise exc", filename or "<adapter>", "exec")
+    exec(code, {"exc": exc})
 
 
 def _user_sys_path() -> str:
@@ -181,8 +189,8 @@ class IsolatedFactory:
             raise AdapterCrashed(f"the adapter's worker failed: {answer['error']}")
         result = answer["ok"]
         if "raised" in result:
-            type_name, message = result["raised"]
-            raise _remote_exception(type_name, message)
+            type_name, message, where = result["raised"]
+            _raise_at(_remote_exception(type_name, message), *where)
         return result["value"]
 
     def _crashed(self, step: str, msg: str, *, hung: bool) -> None:
@@ -283,7 +291,9 @@ def main(argv: list[str] | None = None) -> None:
             return {"value": {str(k): _to_wire(v) for k, v in out.items()}}
         except Exception as exc:  # noqa: BLE001 - the adapter's exception, sent back to the engine
             first = (str(exc).strip().splitlines() or [""])[0][:400]
-            return {"raised": (type(exc).__name__, first)}
+            frames = traceback.extract_tb(exc.__traceback__)
+            where = (frames[-1].filename, frames[-1].lineno or 1) if frames else ("<adapter>", 1)
+            return {"raised": (type(exc).__name__, first, where)}
 
     hello = {"error": loaded.error, "skip": loaded.skip,
              "adapters": [_describe(a) for a in adapters] if not (loaded.error or loaded.skip) else []}
