@@ -249,8 +249,8 @@ def condition_number(x: Any, *, convention: ConventionLike, axis: int | None = N
     conv, x64, red = prep.conv, prep.x, prep.lay.reduce
     if prep.lay.n == 0 or not np.isfinite(x64).any():
         return 1.0
-    _, _, var = _batch_stats(x64, prep.lay)
-    with np.errstate(invalid="ignore"):
+    with np.errstate(invalid="ignore"):  # NaN/Inf inputs give NaN statistics, dropped below
+        _, _, var = _batch_stats(x64, prep.lay)
         peak = np.nanmax(np.where(np.isfinite(x64), np.abs(x64), np.nan), axis=red)
         kappa = peak / np.sqrt(var + conv.eps)
     kappa = kappa[np.isfinite(kappa)]

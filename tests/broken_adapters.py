@@ -1,5 +1,7 @@
-"""Adapters for the meta-tests of the conformance harness: one correct NumPy BN, and seven
-deliberately broken variants, each with one classic mistake the harness must catch.
+"""Adapters for the meta-tests of the conformance harness: one correct NumPy BN, seven
+deliberately broken variants, each with one classic mistake the harness must catch, and adapters
+that misbehave as programs (crash, hang, build nothing, need a missing framework), which the
+harness must survive.
 
 Run one from the command line with
 ``PYTHONPATH=tests python -m bn_ref.conformance --adapter broken_adapters:unbiased_normalize``.
@@ -44,6 +46,7 @@ class NumpyBN:
         red = tuple(i for i in range(x.ndim) if i != ax)
         bshape = tuple(-1 if i == ax else 1 for i in range(x.ndim))
         n = case.n
+        eps = 1e-3 if bug == "eps_1e-3" else conv.eps  # a hard-coded eps (Keras's) under another preset
         g = np.ones(x.shape[ax]) if case.gamma is None else case.gamma
         b = np.zeros(x.shape[ax]) if case.beta is None else case.beta
         use_batch = case.training or bug == "eval_batch_stats"
@@ -55,9 +58,9 @@ class NumpyBN:
                 mean, var = case.running_mean, case.running_var
             var_norm = var * n / (n - 1) if (bug == "unbiased_normalize" and use_batch and n > 1) else var
             if bug == "eps_outside_sqrt":
-                inv = 1.0 / (np.sqrt(var_norm) + conv.eps)
+                inv = 1.0 / (np.sqrt(var_norm) + eps)
             else:
-                inv = 1.0 / np.sqrt(var_norm + conv.eps)
+                inv = 1.0 / np.sqrt(var_norm + eps)
             xhat = (x - mean.reshape(bshape)) * inv.reshape(bshape)
             y = g.reshape(bshape) * xhat + b.reshape(bshape)
             if bug == "nan_leak" and np.isnan(x).any():
@@ -128,3 +131,101 @@ class NoGrads(NumpyBN):
 
 def no_grads() -> NoGrads:
     return NoGrads(PRESETS["pytorch"])
+
+
+def eps_1e_3() -> NumpyBN:
+    """Claims the pytorch preset (eps 1e-5) but normalizes with eps 1e-3: explained as ``eps=0.001``."""
+    return NumpyBN(PRESETS["pytorch"], "eps_1e-3")
+
+
+# -- adapters that misbehave as programs: the harness must survive them (they run isolated) ----------
+
+
+def _exit_hard(code: int = 3) -> None:
+    import os
+    import sys
+
+    sys.stdout.flush()
+    os._exit(code)
+
+
+def _segfault() -> None:
+    import ctypes
+
+    ctypes.string_at(0)  # reads address 0: SIGSEGV
+
+
+class Misbehaves(NumpyBN):
+    """Correct, except on cases whose id contains ``where``: there it does ``what``."""
+
+    def __init__(self, what: str, where: str) -> None:
+        super().__init__(PRESETS["pytorch"])
+        self.what, self.where = what, where
+
+    @property
+    def name(self) -> str:
+        return f"numpy-bn[{self.what} on {self.where}] @pytorch"
+
+    def skip(self, case: Any) -> str | None:
+        if self.what == "exit in skip" and self.where in case.id:
+            _exit_hard()
+        return None
+
+    def run(self, case: Any) -> dict[str, Any]:
+        if self.where in case.id:
+            if self.what == "exit":
+                _exit_hard()
+            elif self.what == "segfault":
+                _segfault()
+            elif self.what == "hang":
+                import time
+
+                time.sleep(3600)
+        return super().run(case)
+
+
+def exits_on_sequence() -> Misbehaves:
+    """``os._exit(3)`` on every step of the sequence cases."""
+    return Misbehaves("exit", "sequence")
+
+
+def segfaults_on_nan() -> Misbehaves:
+    return Misbehaves("segfault", "nan-channel")
+
+
+def hangs_on_sequence() -> Misbehaves:
+    return Misbehaves("hang", "sequence")
+
+
+def crashes_instead_of_raising() -> Misbehaves:
+    """Dies on the n = 1 case that must raise: a crash is not a conforming "raise" (an ERROR, not a pass)."""
+    return Misbehaves("exit", "single-value")
+
+
+def exits_in_skip_on_nan() -> Misbehaves:
+    """Dies inside the optional ``skip(case)``: still only that case's error."""
+    return Misbehaves("exit in skip", "nan-channel")
+
+
+def empty() -> list[NumpyBN]:
+    """A factory that returns no adapter: an error, never a green row of nothing."""
+    return []
+
+
+def needs_missing_framework() -> NumpyBN:
+    """Imports a framework that is not installed: the row is skipped, naming the module."""
+    import not_installed_framework_xyz  # noqa: F401
+
+    return NumpyBN(PRESETS["pytorch"])
+
+
+def exits_on_load() -> NumpyBN:
+    _exit_hard(7)
+    raise AssertionError("unreachable")
+
+
+def hangs_on_load() -> NumpyBN:
+    import time
+
+    time.sleep(3600)
+    raise AssertionError("unreachable")

@@ -24,3 +24,38 @@ settings.register_profile(
     print_blob=True,
 )
 settings.load_profile(os.environ.get("BN_REF_HYPOTHESIS_PROFILE", "bn_ref"))
+
+
+# -- conformance harness helpers (tests/test_conformance*.py) -------------------------------------
+# Kept apart from the framework fixtures above.
+
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+from pathlib import Path  # noqa: E402
+from typing import Any, Callable  # noqa: E402
+
+import pytest  # noqa: E402
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+TESTS_DIR = Path(__file__).resolve().parent
+
+
+def _conformance_cli(*args: str, env_extra: dict[str, str] | None = None, timeout: float = 240,
+                     python_flags: tuple[str, ...] = ()) -> subprocess.CompletedProcess[str]:
+    """``python -m bn_ref.conformance ARGS`` from the repository root, tests/ importable (broken_adapters)."""
+    env = dict(os.environ, PYTHONPATH=str(TESTS_DIR) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    env.update(env_extra or {})
+    return subprocess.run([sys.executable, *python_flags, "-m", "bn_ref.conformance", *args], capture_output=True,
+                          text=True, env=env, cwd=str(REPO_ROOT), timeout=timeout)
+
+
+@pytest.fixture
+def conformance_cli() -> Callable[..., subprocess.CompletedProcess[str]]:
+    """Run the harness's command line in a subprocess (see :func:`_conformance_cli`)."""
+    return _conformance_cli
+
+
+@pytest.fixture
+def bad_checks() -> Callable[[Any], list[Any]]:
+    """The unexpected failures and errors of an engine ``AdapterResult``."""
+    return lambda res: [c for c in res.checks if c.status in ("fail", "error")]

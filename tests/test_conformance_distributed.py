@@ -11,9 +11,6 @@ worlds of 2 and 4 processes, JAX shard_map on 4 devices, Flax's equal-weight axi
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 import textwrap
 import time
 from pathlib import Path
@@ -97,14 +94,10 @@ class SimDistBN:
         return {"y": y, "running_mean": rm, "running_var": rv, "dx": dx, "dgamma": dgamma, "dbeta": dbeta}
 
 
-def _bad(res):
-    return [c for c in res.checks if c.status in ("fail", "error")]
-
-
 @pytest.mark.parametrize("world", [2, 4])
-def test_simulated_correct_adapter_passes_and_only_its_cases_run(world):
+def test_simulated_correct_adapter_passes_and_only_its_cases_run(world, bad_checks):
     res = engine.run_adapter(SimDistBN(world), cs.ALL_SPECS, cs.RANDOM_SPECS)
-    assert not _bad(res), [c.message for c in _bad(res)]
+    assert not bad_checks(res), [c.message for c in bad_checks(res)]
     # Only the cross-replica cases of its world size ran; no random search, no single-process case.
     assert {c.case for c in res.checks} == {s.id for s in BY_WORLD[world]}
     assert {c.group for c in res.checks} == {"forward", "running", "eval", "backward"}
@@ -114,9 +107,9 @@ def test_simulated_correct_adapter_passes_and_only_its_cases_run(world):
 
 
 @pytest.mark.parametrize("world", [2, 4])
-def test_equal_weight_merge_is_caught_on_unequal_splits_and_passes_on_equal(world):
+def test_equal_weight_merge_is_caught_on_unequal_splits_and_passes_on_equal(world, bad_checks):
     res = engine.run_adapter(SimDistBN(world, "equal_weights"), BY_WORLD[world], ())
-    bad = _bad(res)
+    bad = bad_checks(res)
     failing_cases = {c.case for c in bad}
     unequal = {s.id for s in BY_WORLD[world]} - EQUAL
     assert failing_cases == unequal, failing_cases
@@ -129,20 +122,20 @@ def test_equal_weight_merge_is_caught_on_unequal_splits_and_passes_on_equal(worl
     assert any("x tolerance" in c.message and "channel" in c.message for c in bad)
 
 
-def test_local_n_in_unbiased_running_variance_is_caught():
+def test_local_n_in_unbiased_running_variance_is_caught(bad_checks):
     res = engine.run_adapter(SimDistBN(4, "local_n"), BY_WORLD[4], ())
-    bad = _bad(res)
+    bad = bad_checks(res)
     assert bad and {c.key for c in bad} == {"running_var"}
     # With replica 0 holding n_0 != n values, c_n differs on every split, equal ones included.
     assert {c.case for c in bad} == {s.id for s in BY_WORLD[4]}
 
 
-def test_ordinary_adapter_runs_cross_replica_cases_on_the_global_batch():
+def test_ordinary_adapter_runs_cross_replica_cases_on_the_global_batch(bad_checks):
     res = engine.run_adapter(ba.NumpyBN(PRESETS["pytorch"]), cs.DISTRIBUTED, ())
-    assert not _bad(res), [c.message for c in _bad(res)]
+    assert not bad_checks(res), [c.message for c in bad_checks(res)]
     assert {c.case for c in res.checks} == {s.id for s in cs.DISTRIBUTED}
     # ... and a single-process bug is still caught on them.
-    assert _bad(engine.run_adapter(ba.NumpyBN(PRESETS["pytorch"], "biased_running_var"), cs.DISTRIBUTED, ()))
+    assert bad_checks(engine.run_adapter(ba.NumpyBN(PRESETS["pytorch"], "biased_running_var"), cs.DISTRIBUTED, ()))
 
 
 def test_case_carries_replicas_and_rejects_a_bad_split():
@@ -180,19 +173,12 @@ def test_worker_timeout_is_an_error_not_a_hang(tmp_path):
     assert w.proc.returncode is not None and time.monotonic() - t0 < 30
 
 
-def _cli(*args, timeout=240):
-    tests = str(Path(__file__).resolve().parent)
-    env = dict(os.environ, PYTHONPATH=tests + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    return subprocess.run([sys.executable, "-m", "bn_ref.conformance", *args], capture_output=True, text=True,
-                          env=env, cwd=str(ROOT), timeout=timeout)
-
-
-def test_real_distributed_rows_on_a_k_selection(tmp_path):
+def test_real_distributed_rows_on_a_k_selection(tmp_path, conformance_cli):
     """torch gloo worlds of 2 and 4, JAX shard_map on 4 devices, Flax axis_name; through the CLI."""
     pytest.importorskip("torch")
     pytest.importorskip("flax")
     sel = "replicas2-unequal or replicas2-empty or replicas4-equal-float64 or replicas4-unequal-float64"
-    r = _cli("--adapter", "bn_ref.conformance.adapters.distributed_torch:factory",
+    r = conformance_cli("--adapter", "bn_ref.conformance.adapters.distributed_torch:factory",
              "--adapter", "bn_ref.conformance.adapters.distributed_jax:factory",
              "-k", sel, "-q", "--json", str(tmp_path / "r.json"), "--ledger", default_ledger_path())
     assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-3000:]
@@ -228,7 +214,7 @@ def test_real_distributed_rows_on_a_k_selection(tmp_path):
     assert ran[jax_row] == 48
 
 
-def test_jax_rows_in_a_worker_subprocess_match():
+def test_jax_rows_in_a_worker_subprocess_match(bad_checks):
     """The subprocess path (XLA_FLAGS with 4 host devices) used when the harness has fewer devices."""
     pytest.importorskip("flax")
     from bn_ref.conformance.adapters import distributed_jax as dj
@@ -240,7 +226,7 @@ def test_jax_rows_in_a_worker_subprocess_match():
         assert a._worker is not None and a._worker.proc.poll() is None
     finally:
         a.close()
-    assert not _bad(res), [c.message for c in _bad(res)]
+    assert not bad_checks(res), [c.message for c in bad_checks(res)]
     assert len([c for c in res.checks if c.status == "pass"]) == 4 * 6
 
 

@@ -1,7 +1,8 @@
 """Command line of the conformance harness (``python -m bn_ref.conformance``, ``bn-ref conformance``).
 
     python -m bn_ref.conformance [--json PATH] [--markdown PATH] [-k EXPR] [--adapter MOD:FACTORY ...]
-                                 [--list] [--ledger PATH | --no-ledger] [--max-examples N] [--strict]
+                                 [--timeout S] [--in-process] [--list] [--ledger PATH | --no-ledger]
+                                 [--max-examples N] [--strict]
     python -m bn_ref.conformance export-vectors DIR [-k EXPR]
     python -m bn_ref.conformance check-vectors DIR [--expect-digest SHA256]
 
@@ -10,7 +11,11 @@ report records ``spec_version``, the version of ``docs/spec.md`` the matrix chec
 
 Exit status: 0 when every check passed or is a recorded expected deviation; 1 on any unexpected
 failure or error (and, with ``--strict``, on ledger entries whose deviation did not occur);
-2 on a usage error.
+2 on a usage error; 130 when interrupted (Ctrl-C).
+
+Built-in adapters run in this process; any other ``--adapter`` runs isolated in a worker process
+(:mod:`.adapters._isolated`), so a crash, a hang or a missing framework is that row's ERROR or
+SKIP and the run goes on.
 """
 
 from __future__ import annotations
@@ -19,17 +24,21 @@ import argparse
 import importlib.resources as resources
 import json
 import os
+import re
 import shlex
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 from .. import SPEC_VERSION
 from . import report as _report
-from .adapters import BUILTIN, load
-from .cases import ALL_SPECS, compile_k, select
-from .engine import AdapterResult, load_ledger, log, run_adapter
+from .adapters import BUILTIN, load, parse_spec
+from .adapters._isolated import IsolatedFactory
+from .cases import ALL_SPECS, CaseSpec, compile_k, select
+from .engine import AdapterResult, LedgerEntry, load_ledger, log, run_adapter
+from .explain import Recorder, explain_failures
 
 __all__ = ["main", "run", "default_ledger_path", "LEDGER_RESOURCE"]
 
@@ -59,6 +68,17 @@ def _extract(ref: Any) -> str:
     return name
 
 
+DEFAULT_TIMEOUT_S = 120.0
+"""Default ``--timeout``: generous for a first JIT compilation, short of a hung CI job."""
+
+
+def _positive(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+    return value
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m bn_ref.conformance",
@@ -68,9 +88,16 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--json", metavar="PATH", help="write the JSON report here")
     p.add_argument("--markdown", metavar="PATH", help="write the Markdown report (docs/conformance.md) here")
     p.add_argument("-k", dest="k", metavar="EXPR", default=None,
-                   help="select cases: substrings of case ids combined with and/or/not (like pytest -k)")
+                   help="select cases: substrings of case ids combined with and/or/not (like pytest -k); "
+                   "a step id printed by a failure line (case/stepK-mode) selects its case")
     p.add_argument("--adapter", action="append", default=[], metavar="MODULE:FACTORY",
-                   help="run only these adapters (repeatable); the factory returns an adapter or a list")
+                   help="run only these adapters (repeatable); the factory returns an adapter or a list. "
+                   "Adapters other than the built-in ones run in a worker process each (see --timeout)")
+    p.add_argument("--timeout", type=_positive, default=DEFAULT_TIMEOUT_S, metavar="SECONDS",
+                   help="time limit for loading an isolated (third-party) adapter and for each of its calls; "
+                   f"a hang past it is that case's error and ends the adapter's run (default {DEFAULT_TIMEOUT_S:g})")
+    p.add_argument("--in-process", action="store_true",
+                   help="run third-party adapters in this process (no isolation: for debuggers and profilers)")
     p.add_argument("--list", action="store_true", help="list the selected case ids and exit")
     p.add_argument("--list-adapters", action="store_true", help="build and list the adapters, then exit")
     p.add_argument("--ledger", metavar="PATH", default=None, help="expected-deviation ledger (TOML)")
@@ -82,69 +109,121 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+_STEP_ID = re.compile(r"([^\s()/]+)/[^\s()]*")
+
+
+def case_expression(expr: str | None) -> str | None:
+    """``-k`` with every step id (``case/stepK-mode``, as failure lines print them) reduced to its case.
+
+    A step depends on the steps before it (the running statistics are fed forward), so a step
+    selects its whole case.
+
+    >>> case_expression("sequence-rank2-float64/step2-train or rank3")
+    'sequence-rank2-float64 or rank3'
+    """
+    if expr is None:
+        return None
+    return _STEP_ID.sub(r"\1", expr)
+
+
+def _usage_error(msg: str) -> int:
+    print(f"error: {msg}", file=sys.stderr)
+    return 2
+
+
+@dataclass
+class _Row:
+    """One factory's adapters (in this process, or stand-ins for an isolated worker's)."""
+
+    spec: str
+    adapters: list[Any]
+    error: str | None = None
+    skip: str | None = None
+    isolated: IsolatedFactory | None = None
+
+
+def _load_row(spec: str, *, isolate: bool, timeout: float) -> _Row:
+    if spec in BUILTIN:
+        loaded = load(spec)
+        return _Row(spec, loaded.adapters, loaded.error, loaded.skip)
+    if not isolate:
+        loaded = load(spec, third_party=True)
+        return _Row(spec, loaded.adapters, loaded.error, loaded.skip)
+    host = IsolatedFactory(spec, timeout)
+    adapters, error, skip = host.load()
+    return _Row(spec, list(adapters), error, skip, isolated=host)
+
+
 def run(argv: Sequence[str]) -> int:
     """Run the matrix; return the exit status."""
     args = _parser().parse_args(list(argv))
+    for spec in args.adapter:
+        try:
+            parse_spec(spec)
+        except ValueError as exc:
+            return _usage_error(str(exc))
+    if args.max_examples < 0:
+        return _usage_error(f"--max-examples must be >= 0, got {args.max_examples}")
+    k = case_expression(args.k)
     try:
-        compile_k(args.k)
+        compile_k(k)
     except ValueError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    specs, randoms = select(args.k)
+        return _usage_error(str(exc))
+    specs, randoms = select(k)
     if args.list:
         for s in specs:
-            rep = f" [replicas {s.replicas}]" if s.replicas is not None else ""
-            print(f"{s.id:40s} {s.description}{rep}")
+            split = f" [replicas {s.replicas}]" if s.replicas is not None else ""
+            print(f"{s.id:40s} {s.description}{split}")
         for r in randoms:
             print(f"{r:40s} hypothesis search ({r.split('-', 1)[1]})")
         print(f"{len(specs) + len(randoms)} of {len(ALL_SPECS) + 2} cases selected", file=sys.stderr)
         return 0
     if not specs and not randoms:
-        print(f"error: -k {args.k!r} selects no case (see --list)", file=sys.stderr)
-        return 2
+        return _usage_error(f"-k {args.k!r} selects no case (see --list)")
     progress = (lambda m: None) if args.quiet else log
     ledger_path = None if args.no_ledger else (args.ledger or default_ledger_path())
     if args.ledger and not os.path.isfile(args.ledger):
-        print(f"error: --ledger {args.ledger!r}: no such file", file=sys.stderr)
-        return 2
+        return _usage_error(f"--ledger {args.ledger!r}: no such file")
     try:
         ledger = load_ledger(ledger_path)
     except Exception as exc:  # noqa: BLE001
-        print(f"error: cannot read the ledger {ledger_path}: {exc}", file=sys.stderr)
-        return 2
+        return _usage_error(f"cannot read the ledger {ledger_path}: {exc}")
     t0 = time.perf_counter()
     factories = args.adapter or list(BUILTIN)
     results: list[AdapterResult] = []
+    explained: dict[str, dict[str, Any]] = {}
+    factory_of: dict[str, str] = {}
     progress(f"bn-ref conformance: {len(specs)} cases + {len(randoms)} random searches; "
              f"ledger {ledger_path or '(none)'}")
     for fspec in factories:
-        loaded = load(fspec)
-        if loaded.error or loaded.skip:
-            r = AdapterResult(name=fspec, convention="?", build_error=loaded.error, build_skip=loaded.skip)
-            results.append(r)
-            progress(f"  {fspec}: {'ERROR ' + loaded.error if loaded.error else 'skipped: ' + str(loaded.skip)}")
-            continue
-        if args.list_adapters:
-            for a in loaded.adapters:
-                print(f"{a.name}  [{getattr(a.convention, 'name', a.convention)}]")
-            continue
-        for i, adapter in enumerate(loaded.adapters):
-            progress(f"[{fspec.split(':')[0].rsplit('.', 1)[-1]} {i + 1}/{len(loaded.adapters)}] {adapter.name}")
-            try:
-                results.append(run_adapter(adapter, specs, randoms, ledger=ledger, progress=progress,
-                                           max_examples=args.max_examples))
-            except Exception as exc:  # noqa: BLE001 - the run goes on
-                results.append(AdapterResult(name=str(getattr(adapter, "name", fspec)), convention=adapter.convention,
-                                             build_error=f"{type(exc).__name__}: {exc}"))
-            finally:
+        row = _load_row(fspec, isolate=not args.in_process, timeout=args.timeout)
+        try:
+            if row.error or row.skip:
+                results.append(AdapterResult(name=fspec, convention="?", build_error=row.error, build_skip=row.skip))
+                factory_of[fspec] = fspec
+                progress(f"  {fspec}: {'ERROR ' + row.error if row.error else 'skipped: ' + str(row.skip)}")
+                continue
+            if args.list_adapters:
+                for a in row.adapters:
+                    print(f"{a.name}  [{getattr(a.convention, 'name', a.convention)}]")
+                continue
+            for i, adapter in enumerate(row.adapters):
+                progress(f"[{fspec.split(':')[0].rsplit('.', 1)[-1]} {i + 1}/{len(row.adapters)}] {adapter.name}")
+                res = _run_one(adapter, row, specs, randoms, ledger, progress, args.max_examples, explained)
+                factory_of[res.name] = fspec
+                results.append(res)
+        finally:
+            for adapter in row.adapters:
                 _close(adapter)
+            if row.isolated is not None:
+                row.isolated.close()
     if args.list_adapters:
         return 0
     wall = time.perf_counter() - t0
     command = "python -m bn_ref.conformance " + shlex.join(list(argv))
     rep = _report.build_report(results, ledger, command=command.strip(), selection=args.k, wall_s=wall,
-                               ledger_path=_display_path(ledger_path))
-    rep = {"spec_version": SPEC_VERSION, **rep}  # the docs/spec.md version the matrix checks against
+                               ledger_path=_display_path(ledger_path), explained=explained, factories=factory_of)
+    rep = {"spec_version": SPEC_VERSION, **rep}  # type: ignore[assignment]  # the docs/spec.md version checked
     print(_report.render_console(rep))
     if args.json:
         _report.write_text(args.json, json.dumps(rep, indent=1, default=str) + "\n")
@@ -156,6 +235,29 @@ def run(argv: Sequence[str]) -> int:
     if args.strict and rep["totals"]["xpass_entries"]:
         status = 1
     return status
+
+
+def _run_one(
+    adapter: Any, row: _Row, specs: Sequence[CaseSpec], randoms: Sequence[str], ledger: Sequence[LedgerEntry],
+    progress: Callable[[str], None], max_examples: int, explained: dict[str, dict[str, Any]],
+) -> AdapterResult:
+    """One adapter over the selection: its checks, and an explanation of each failing step."""
+    recorder = Recorder(adapter)
+    try:
+        res = run_adapter(recorder, specs, randoms, ledger=ledger, progress=progress, max_examples=max_examples)
+    except Exception as exc:  # noqa: BLE001 - the run goes on
+        return AdapterResult(name=str(getattr(adapter, "name", row.spec)), convention=adapter.convention,
+                             build_error=f"{type(exc).__name__}: {exc}")
+    if row.isolated is not None:  # a crash is never the expected "raise" of the errors group
+        for c in res.checks:
+            crash = row.isolated.crashed_steps.get(c.step)
+            if crash and c.status == "pass" and c.group == "errors":
+                c.status, c.message = "error", f"AdapterCrashed: {crash}"
+    try:
+        explained.update({f"{res.name}|{k}": v for k, v in explain_failures(recorder, res.checks).items()})
+    except Exception as exc:  # noqa: BLE001 - explanations are a help, never a reason to stop
+        progress(f"  warning: could not explain the failures of {res.name}: {exc}")
+    return res
 
 
 def _close(adapter: object) -> None:
@@ -181,8 +283,12 @@ def _display_path(path: str | None) -> str | None:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point: the matrix run, or the ``export-vectors`` / ``check-vectors`` subcommands."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0] in ("export-vectors", "check-vectors"):
-        from . import vectors
+    try:
+        if argv and argv[0] in ("export-vectors", "check-vectors"):
+            from . import vectors
 
-        return vectors.main(argv)
-    return run(argv)
+            return vectors.main(argv)
+        return run(argv)
+    except KeyboardInterrupt:
+        print("\ninterrupted (Ctrl-C): no report written", file=sys.stderr)
+        return 130

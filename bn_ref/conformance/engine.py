@@ -27,12 +27,12 @@ import time
 import traceback
 import warnings
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Iterable, Literal, Sequence
 
 import numpy as np
 
 from .. import oracle
-from ..tolerances import error_units, tolerance
+from ..tolerances import error_units
 from .cases import Case, CaseSpec, instantiate, make_case
 
 __all__ = [
@@ -52,6 +52,9 @@ GROUPS = ("forward", "running", "eval", "backward", "errors", "random")
 OUTPUT_KEYS = ("y", "running_mean", "running_var", "dx", "dgamma", "dbeta")
 STATUS_ORDER = ("error", "fail", "xfail", "pass", "skip")
 
+Status = Literal["pass", "fail", "error", "skip", "xfail"]
+"""The verdict of one check (``xfail``: a failure the ledger expects)."""
+
 
 @dataclass
 class CheckResult:
@@ -62,7 +65,7 @@ class CheckResult:
     step: str  # step id (case id or case/stepK-mode)
     group: str
     key: str
-    status: str  # pass | fail | error | skip | xfail
+    status: Status
     units: float | None = None
     message: str = ""
     reason: str = ""  # ledger reason for xfail
@@ -501,8 +504,3 @@ def group_cells(res: AdapterResult) -> dict[str, dict[str, Any]]:
 
 def log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
-
-
-def tolerance_json(dtype: str) -> dict[str, float]:
-    t = tolerance(dtype)
-    return {"rtol": t.rtol, "atol": t.atol, "u": t.u}

@@ -14,10 +14,7 @@ import numpy as np
 from ...conventions import Convention
 from ..cases import Case
 
-__all__ = ["Adapter", "Outputs", "numpy_out", "axis_reason", "THIRD_PARTY"]
-
-Outputs = dict
-"""``run`` returns a dict with keys among y, running_mean, running_var, dx, dgamma, dbeta."""
+__all__ = ["Adapter", "numpy_out", "axis_reason", "THIRD_PARTY"]
 
 THIRD_PARTY = {"torch", "jax", "jaxlib", "flax", "keras", "onnx", "onnxruntime", "ml_dtypes", "optax", "hypothesis"}
 """Top-level packages whose absence makes a built-in row *skip* (anything else missing is an error)."""
