@@ -194,8 +194,14 @@ def rewrite_links(text: str, page_dir: str, pages: set[str], docs: Path = REPO /
 
 
 def version_switcher(versions: list[SpecVersion], this: str, page_dir: str) -> str:
-    """The HTML block at the top of each spec page: version select, latest, changelog, downloads."""
+    """The HTML block at the top of each spec page: version select, latest, changelog, downloads.
+
+    The changelog link goes to this version's changelog when its text has one, else to the current
+    version's (which lists the errata of the older ones).
+    """
     up = "../" * (page_dir.count("/") + 1)
+    own = next((v for v in versions if v.version == this), versions[0])
+    changelog = "#changelog" if 'id="changelog"' in own.text else f"{up}spec/{versions[0].version}/index.html#changelog"
     opts = []
     for v in versions:
         sel = " selected" if v.version == this else ""
@@ -207,15 +213,34 @@ def version_switcher(versions: list[SpecVersion], this: str, page_dir: str) -> s
         f'<div class="bn-versions" data-version="{html.escape(this)}">'
         f'<label>Spec version <select class="bn-version-select" aria-label="spec version">{"".join(opts)}'
         f"</select></label> <span class=\"bn-version-links\">All versions: {links}</span> · "
-        f'<a href="#changelog">changelog and errata</a> · <a href="{up}downloads.html">golden vectors</a>'
+        f'<a href="{changelog}">changelog and errata</a> · <a href="{up}downloads.html">golden vectors</a>'
         f'<br><span class="bn-cite">Cite as “{html.escape(cite)}”; section numbers and anchors never '
         f"move between versions.</span></div>\n"
     )
 
 
+_INLINE_MATH_RE = re.compile(r"(?<![$\\])\$(?!\$)([^$]+?)(?<!\\)\$(?!\$)", re.S)
+_LIST_START_RE = re.compile(r"\n[ \t]*(?=[-+*] |\d+[.)] )")
+
+
+def join_broken_inline_math(text: str) -> str:
+    """Join an inline ``$...$`` formula whose continuation line starts like a list item.
+
+    Markdown parses a wrapped line such as ``   - \\hat x ...)$`` inside a list as a nested list
+    before the math extension sees the formula, leaving raw TeX on the page; inside TeX the line
+    break is only a space. Fenced code blocks are left alone.
+    """
+    parts = re.split(r"(^```.*?^```[ \t]*$)", text, flags=re.S | re.M)
+    for i in range(0, len(parts), 2):
+        parts[i] = _INLINE_MATH_RE.sub(
+            lambda m: "$" + _LIST_START_RE.sub(" ", m.group(1)) + "$" if "\n" in m.group(1) and not re.search(r"\n[ \t]*\n", m.group(1)) else m.group(0),
+            parts[i])
+    return "".join(parts)
+
+
 def spec_page(v: SpecVersion, versions: list[SpecVersion], page_dir: str, pages: set[str]) -> str:
     """The Markdown of one spec version placed at ``page_dir``."""
-    text = add_section_anchors(v.text)
+    text = add_section_anchors(join_broken_inline_math(v.text))
     text = mark_changes(text, v.version)
     text = rewrite_links(text, page_dir, pages, self_page=page_dir)
     lines = text.split("\n")

@@ -66,6 +66,18 @@ def test_changelog_notes_under_changed_sections_only():
     assert f'<a id="changelog-{bn_ref.SPEC_VERSION}"></a>' in out
 
 
+def test_join_broken_inline_math():
+    src = "5. $dx = s\\,(dy - a\n   - \\hat x)$, which\n   - a real item $b$\n\n- item $c$ and $d\n  + e$\n"
+    want = "5. $dx = s\\,(dy - a - \\hat x)$, which\n   - a real item $b$\n\n- item $c$ and $d + e$\n"
+    assert site.join_broken_inline_math(src) == want
+    fenced = "```sh\necho $A\n- x $B\n```\n"
+    assert site.join_broken_inline_math(fenced) == fenced
+    out = site.join_broken_inline_math(SPEC)  # the spec's wrapped formula in §5.3 item 5
+    assert "dy/n - \\hat x\\,\\hat x^\\top dy/n)$" in out
+    assert out.count("\n") < SPEC.count("\n") and out.replace(" ", "").replace("\n", "") == \
+        SPEC.replace(" ", "").replace("\n", "")
+
+
 def test_rewrite_links():
     pages = {"spec/index.md", "adapters.md", "img/a.png", "spec/2026.12/index.md"}
     text = ("[a](adapters.md#x) [s](spec.md#§3.4) ![i](img/a.png) [l](../conformance/ledger.toml) "
