@@ -59,7 +59,7 @@ class _Page(HTMLParser):
             self.assets.append(a["href"] or "")
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _parse(path: Path) -> _Page:
     p = _Page()
     p.feed(path.read_text(encoding="utf-8"))
