@@ -144,9 +144,10 @@
           detail.appendChild(el("div", {cls: "bn-reason"}, [el("strong", {text: "Ledger reason: "}), document.createTextNode(D.reasons[k])]));
         });
         var cases = uniq(list.map(function (x) { return x[1]; }));
-        var cmd = "python -m bn_ref.conformance --no-ledger --json /tmp/report.json -k '" +
-          (cases.length <= 3 ? cases.join(" or ") : cases.slice(0, 3).join(" or ")) + "'\n# then read the row '" + r.name + "' in /tmp/report.json";
-        detail.appendChild(el("p", {text: "Reproduce (the harness runs every row; the ledger is ignored so the deviation shows as a failure):"}));
+        var cmd = "python -m bn_ref.conformance --no-ledger --json /tmp/report.json -k '" + worstCheck[1] +
+          "'\n# the worst case; the row '" + r.name + "' reports it in /tmp/report.json" +
+          (cases.length > 1 ? "\n# all " + cases.length + " cases of this cell: " + cases.join(" ") : "");
+        detail.appendChild(el("p", {text: "Reproduce (the harness runs every row on the selected cases; without the ledger the deviation shows as a failure):"}));
         detail.appendChild(el("pre", {cls: "bn-repro"}, [el("code", {text: cmd})]));
         uniq(list.map(function (x) { return x[10]; })).filter(Boolean).forEach(function (snip) {
           detail.appendChild(el("p", {text: "Minimal case found by the random search:"}));
