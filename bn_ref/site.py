@@ -402,7 +402,7 @@ def glance_rows(report: dict[str, Any]) -> list[dict[str, str]]:
             "running var": str(conv.get("running_var", "—")),
             "feature axis": _fmt(conv.get("feature_axis")),
             "n = 1 (training)": str(conv.get("single_value", "—")),
-            "compute dtype": str(a.get("compute_dtype") or "as input"),
+            "compute dtype": str(a.get("compute_dtype") or "not reported"),
             "outcome": outcome,
         })
     return out

@@ -138,7 +138,7 @@
       } else {
         var worstCheck = list[0];
         detail.appendChild(el("p", {cls: "bn-worst", text: list.length + " non-passing checks" + (st.dtype ? " in " + st.dtype : "") +
-          "; the worst: " + worstCheck[1] + " / " + worstCheck[3] + " / " + worstCheck[5] + " at " + fmt(worstCheck[7]) + " × tolerance."}));
+          "; the worst: " + worstCheck[1] + " / " + worstCheck[3] + " / " + worstCheck[5] + " at " + (typeof worstCheck[7] === "number" ? worstCheck[7].toExponential(2) : fmt(worstCheck[7])) + " × tolerance."}));
         var reasons = uniq(list.map(function (x) { return x[9]; })).filter(function (x) { return x >= 0; });
         reasons.forEach(function (k) {
           detail.appendChild(el("div", {cls: "bn-reason"}, [el("strong", {text: "Ledger reason: "}), document.createTextNode(D.reasons[k])]));
