@@ -322,12 +322,16 @@ def test_matrix_filters_and_cell_details(browser, base_url):
         assert "python -m bn_ref.conformance --no-ledger" in detail.find_element("css selector", "pre.bn-repro").text
     assert browser.execute_script("return location.hash") == f"#cell={ki}/{group}"
     SHOTS.mkdir(parents=True, exist_ok=True)
-    browser.execute_script("window.scrollTo(0, 0)")
-    assert browser.save_screenshot(str(SHOTS / "matrix.png"))
     browser.execute_script("document.getElementById('bn-detail').scrollIntoView()")
     assert browser.save_screenshot(str(SHOTS / "matrix-cell-detail.png"))
+    pick("bn-f-group", "")  # the whole matrix, every row, for review
+    browser.set_window_size(1400, 2600)
+    browser.execute_script("window.scrollTo(0, 0)")
+    assert browser.save_screenshot(str(SHOTS / "matrix.png"))
+    browser.set_window_size(1400, 1000)
 
-    # the cell's address reopens it
+    # the cell's address reopens it (in a fresh load of the page)
+    browser.get("about:blank")
     browser.get(base_url + f"matrix.html#cell={ki}/{group}")
     assert _wait(browser, "return !document.getElementById('bn-detail').hidden", 10)
     assert len(browser.find_elements("css selector", "#bn-detail tr.bn-check")) == len(rows)
