@@ -42,6 +42,21 @@ def conformance(session: nox.Session) -> None:
 
 
 @nox.session
+def docs(session: nox.Session) -> None:
+    """Build the website into build/site (bn_ref/site.py), then check it in headless Chromium.
+
+    The browser test (tests/test_site_browser.py) needs Debian's ``chromium`` and ``chromium-driver``
+    (``apt-get install chromium chromium-driver``); without them it skips and says so. Pass
+    ``-- --no-check`` to only build.
+    """
+    session.install("-e", ".[docs]")
+    session.run("python", "-m", "bn_ref.site", "build", env={"NO_MKDOCS_2_WARNING": "1"})
+    if "--no-check" not in session.posargs:
+        session.run("python", "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_site.py",
+                    "tests/test_site_browser.py", env={"BN_REF_SITE_DIR": os.path.join(HERE, "build", "site")})
+
+
+@nox.session
 def lint(session: nox.Session) -> None:
     """ruff over the package, tests and tooling; mypy over the package (config in pyproject.toml).
 
