@@ -24,7 +24,9 @@ from .functional import (
     batch_norm,
     batch_statistics,
     compute_dtype,
+    inverse_std,
     normalize,
+    update_running_,
 )
 from .lenet import lenet, native_batch_norm_kwargs
 from .modules import BatchNorm, BatchNorm1d, BatchNorm2d, BatchNorm3d
@@ -44,8 +46,10 @@ __all__ = [
     "batch_statistics",
     "compute_dtype",
     "convert_sync_batchnorm",
+    "inverse_std",
     "lenet",
     "merge_statistics",
     "native_batch_norm_kwargs",
     "normalize",
+    "update_running_",
 ]

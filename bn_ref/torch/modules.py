@@ -20,7 +20,6 @@ after the increment that PyTorch uses).
 
 from __future__ import annotations
 
-import numbers
 from typing import Any
 
 import torch
@@ -95,11 +94,9 @@ class BatchNorm(nn.Module):
         implementation: str = "function",
     ) -> None:
         super().__init__()
-        if not isinstance(num_features, numbers.Integral) or isinstance(num_features, bool) or num_features < 1:
-            raise ValueError(f"num_features must be an int >= 1; got {num_features!r}")
         if dtype is not None and not dtype.is_floating_point:
             raise TypeError(f"dtype must be a floating dtype; got {dtype}")
-        self.num_features = int(num_features)
+        self.num_features = _checks.check_num_features(num_features)
         self.convention = resolve(convention, eps=eps, momentum=momentum, feature_axis=feature_axis)
         self.affine = _checks.check_flag("affine", affine)
         self.track_running_stats = _checks.check_flag("track_running_stats", track_running_stats)
