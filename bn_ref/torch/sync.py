@@ -38,7 +38,7 @@ from torch import nn
 from torch.autograd.function import once_differentiable
 
 from .. import _checks
-from ..conventions import DEFAULT, Convention, ConventionLike, get_convention
+from ..conventions import Convention, ConventionLike, get_convention
 from .functional import (
     _cast_grad,
     _dtype_name,
@@ -50,7 +50,7 @@ from .functional import (
     inverse_std,
     update_running_,
 )
-from .modules import BatchNorm
+from .modules import TORCH_EPS, TORCH_MOMENTUM, BatchNorm
 
 __all__ = ["SyncBatchNorm", "SyncBatchNormFunction", "convert_sync_batchnorm", "merge_statistics"]
 
@@ -194,7 +194,9 @@ class SyncBatchNorm(BatchNorm):
     """:class:`bn_ref.torch.BatchNorm` with statistics over the global batch of a process group (§11).
 
     Same parameters, buffers, ``state_dict`` and conventions as :class:`bn_ref.torch.BatchNorm`
-    (any input rank >= 2), plus ``process_group`` (None: the default group).
+    (any input rank >= 2), plus ``process_group`` (None: the default group). The constructor
+    takes ``torch.nn.SyncBatchNorm``'s arguments in torch 2.13's order and with its defaults
+    (``process_group`` sixth, ``bias=`` keyword-only), then bn-ref's options keyword-only.
 
     In training, when ``torch.distributed`` is initialized and the group has more than one rank,
     every rank normalizes with the global mean and biased variance of the concatenated batch
@@ -219,28 +221,30 @@ class SyncBatchNorm(BatchNorm):
     def __init__(
         self,
         num_features: int,
-        *,
-        convention: ConventionLike = "pytorch",
-        eps: float | None = None,
-        momentum: Any = DEFAULT,
+        eps: float = TORCH_EPS,
+        momentum: float | None = TORCH_MOMENTUM,
         affine: bool = True,
         track_running_stats: bool = True,
-        feature_axis: int | None = None,
         process_group: Any = None,
         device: Any = None,
         dtype: torch.dtype | None = None,
+        *,
+        bias: bool = True,
+        convention: ConventionLike = "pytorch",
+        feature_axis: int | None = None,
         implementation: str = "function",
     ) -> None:
         super().__init__(
             num_features,
+            eps,
+            momentum,
+            affine,
+            track_running_stats,
+            device,
+            dtype,
+            bias=bias,
             convention=convention,
-            eps=eps,
-            momentum=momentum,
-            affine=affine,
-            track_running_stats=track_running_stats,
             feature_axis=feature_axis,
-            device=device,
-            dtype=dtype,
             implementation=implementation,
         )
         self.process_group = process_group
@@ -340,6 +344,7 @@ def _to_sync(module: nn.Module, process_group: Any) -> SyncBatchNorm:
             module.num_features,
             convention=conv,
             affine=module.affine,
+            bias=module.bias is not None,
             track_running_stats=module.track_running_stats,
             process_group=process_group,
             implementation=module.implementation,
@@ -354,6 +359,7 @@ def _to_sync(module: nn.Module, process_group: Any) -> SyncBatchNorm:
             eps=module.eps,
             momentum=module.momentum,
             affine=module.affine,
+            bias=module.bias is not None,
             track_running_stats=module.track_running_stats,
             feature_axis=1,
             process_group=process_group,
@@ -362,7 +368,7 @@ def _to_sync(module: nn.Module, process_group: Any) -> SyncBatchNorm:
     # Share (not copy) the parameters and buffers, so optimizers keep pointing at them.
     if module.affine:
         new.weight = module.weight
-        new.bias = module.bias
+        new.bias = module.bias  # None under bias=False
     for name in ("running_mean", "running_var", "num_batches_tracked"):
         setattr(new, name, getattr(module, name, None))
     new.train(module.training)
