@@ -241,37 +241,12 @@ def _affine_tangent(
 # -- the closed-form backward as autograd Functions ------------------------------------------
 
 
-class BatchNormTrainFunction(torch.autograd.Function):
-    """Training-mode BN with the closed-form gradient of §5.1.
+class _TrainCore(torch.autograd.Function):
+    """:class:`BatchNormTrainFunction` without the forward-mode rule; see there.
 
-    ``apply(x, weight, bias, eps, ax) -> (y, mean, var)``; ``weight``/``bias`` may be None.
-    ``mean`` and ``var`` (C,) are the batch statistics in the compute dtype, returned for the
-    running update and marked non-differentiable (the gradient through them is already part of
-    the closed form of ``dx``).
-
-    The context keeps ``x``, ``weight``, the batch mean and the inverse standard deviation. The
-    first-order backward uses them directly (no recomputation)::
-
-        x_hat  = (x - mean) * inv_std
-        dbeta  = sum(dy)                                                  (§5.1)
-        dgamma = sum(dy * x_hat)                                          (§5.1)
-        dx     = weight * inv_std * (dy - dbeta / n - x_hat * dgamma / n) (§5.1)
-
-    Forward mode (:meth:`jvp`, for ``torch.autograd.forward_ad`` and ``torch.func.jvp``): the
-    Jacobian in ``x`` is the same per-channel map, so for tangents ``(tx, tw, tb)``::
-
-        ty = weight * inv_std * (tx - mean(tx) - x_hat * mean(tx * x_hat)) + tw * x_hat + tb
-
-    Double backward (§5.4): when the backward itself is being differentiated
-    (``create_graph=True``, seen as ``torch.is_grad_enabled()`` inside ``backward``), the saved
-    mean and inverse std are constants to autograd, which would drop their dependence on ``x``
-    and give wrong second derivatives. In that case the backward recomputes the statistics from
-    the saved ``x`` with differentiable ops (§2.1) and evaluates the same closed form, so autograd
-    differentiates an exact expression of ``dx(x, weight, dy)``. Only the double-backward path
-    pays for the recomputation.
-
-    ``torch.func.vmap`` runs the forward per sample of the mapped dimension
-    (``generate_vmap_rule``).
+    TorchDynamo cannot trace an ``autograd.Function`` that defines ``jvp``, so
+    :func:`batch_norm` applies this class while ``torch.compile`` traces (forward-mode AD does not
+    reach compiled code) and :class:`BatchNormTrainFunction` otherwise. Same numbers.
     """
 
     generate_vmap_rule = True
@@ -319,6 +294,40 @@ class BatchNormTrainFunction(torch.autograd.Function):
         d_bias = _cast_grad(dbeta, ctx.bias_dtype, needs_b)
         return dx, d_weight, d_bias, None, None
 
+
+class BatchNormTrainFunction(_TrainCore):
+    """Training-mode BN with the closed-form gradient of §5.1.
+
+    ``apply(x, weight, bias, eps, ax) -> (y, mean, var)``; ``weight``/``bias`` may be None.
+    ``mean`` and ``var`` (C,) are the batch statistics in the compute dtype, returned for the
+    running update and marked non-differentiable (the gradient through them is already part of
+    the closed form of ``dx``).
+
+    The context keeps ``x``, ``weight``, the batch mean and the inverse standard deviation. The
+    first-order backward uses them directly (no recomputation)::
+
+        x_hat  = (x - mean) * inv_std
+        dbeta  = sum(dy)                                                  (§5.1)
+        dgamma = sum(dy * x_hat)                                          (§5.1)
+        dx     = weight * inv_std * (dy - dbeta / n - x_hat * dgamma / n) (§5.1)
+
+    Forward mode (:meth:`jvp`, for ``torch.autograd.forward_ad`` and ``torch.func.jvp``): the
+    Jacobian in ``x`` is the same per-channel map, so for tangents ``(tx, tw, tb)``::
+
+        ty = weight * inv_std * (tx - mean(tx) - x_hat * mean(tx * x_hat)) + tw * x_hat + tb
+
+    Double backward (§5.4): when the backward itself is being differentiated
+    (``create_graph=True``, seen as ``torch.is_grad_enabled()`` inside ``backward``), the saved
+    mean and inverse std are constants to autograd, which would drop their dependence on ``x``
+    and give wrong second derivatives. In that case the backward recomputes the statistics from
+    the saved ``x`` with differentiable ops (§2.1) and evaluates the same closed form, so autograd
+    differentiates an exact expression of ``dx(x, weight, dy)``. Only the double-backward path
+    pays for the recomputation.
+
+    ``torch.func.vmap`` runs the forward per sample of the mapped dimension
+    (``generate_vmap_rule``).
+    """
+
     @staticmethod
     def jvp(ctx: Any, tx: torch.Tensor | None, tw: torch.Tensor | None, tb: torch.Tensor | None, *_: Any):  # type: ignore[override]
         x, weight, mean, inv_std = ctx.saved_tensors
@@ -333,29 +342,9 @@ class BatchNormTrainFunction(torch.autograd.Function):
         return _affine_tangent(ty, x_hat, tw, tb, lay.bshape, x), None, None  # §2.3
 
 
-class BatchNormEvalFunction(torch.autograd.Function):
-    """Eval-mode BN (running statistics) with the closed-form gradient of §5.2.
-
-    ``apply(x, running_mean, running_var, weight, bias, eps, ax) -> y``. The running statistics
-    are constants of the layer, so the gradient is the affine map's (§5.2)::
-
-        inv_std = 1 / sqrt(running_var + eps),   x_hat = (x - running_mean) * inv_std
-        dx      = weight * inv_std * dy
-        dgamma  = sum(dy * x_hat),               dbeta = sum(dy)
-
-    Should the running statistics require grad (unusual; PyTorch's kernel ignores it), their
-    gradients are returned too, so this implementation agrees with ``"autograd"``::
-
-        d running_mean = -weight * inv_std * dbeta,   d running_var = -weight * inv_std^2 * dgamma / 2
-
-    Forward mode (:meth:`jvp`) is the same linearization: for tangents ``(tx, tm, tv, tw, tb)``::
-
-        ty = weight * inv_std * (tx - tm - x_hat * inv_std * tv / 2) + tw * x_hat + tb
-
-    The context keeps ``x``, the running statistics, ``weight`` and ``inv_std``; the backward
-    reuses ``inv_std`` unless it is being differentiated (``create_graph=True``), in which case it
-    is recomputed from ``running_var`` so that its dependence is visible to autograd (§5.4).
-    """
+class _EvalCore(torch.autograd.Function):
+    """:class:`BatchNormEvalFunction` without the forward-mode rule (for ``torch.compile``, as
+    :class:`_TrainCore`); see there."""
 
     generate_vmap_rule = True
 
@@ -405,6 +394,31 @@ class BatchNormEvalFunction(torch.autograd.Function):
         d_weight = _cast_grad(dgamma, None if weight is None else weight.dtype, needs_w)
         d_bias = _cast_grad(dbeta, ctx.bias_dtype, needs_b)
         return dx, d_rm, d_rv, d_weight, d_bias, None, None
+
+
+class BatchNormEvalFunction(_EvalCore):
+    """Eval-mode BN (running statistics) with the closed-form gradient of §5.2.
+
+    ``apply(x, running_mean, running_var, weight, bias, eps, ax) -> y``. The running statistics
+    are constants of the layer, so the gradient is the affine map's (§5.2)::
+
+        inv_std = 1 / sqrt(running_var + eps),   x_hat = (x - running_mean) * inv_std
+        dx      = weight * inv_std * dy
+        dgamma  = sum(dy * x_hat),               dbeta = sum(dy)
+
+    Should the running statistics require grad (unusual; PyTorch's kernel ignores it), their
+    gradients are returned too, so this implementation agrees with ``"autograd"``::
+
+        d running_mean = -weight * inv_std * dbeta,   d running_var = -weight * inv_std^2 * dgamma / 2
+
+    Forward mode (:meth:`jvp`) is the same linearization: for tangents ``(tx, tm, tv, tw, tb)``::
+
+        ty = weight * inv_std * (tx - tm - x_hat * inv_std * tv / 2) + tw * x_hat + tb
+
+    The context keeps ``x``, the running statistics, ``weight`` and ``inv_std``; the backward
+    reuses ``inv_std`` unless it is being differentiated (``create_graph=True``), in which case it
+    is recomputed from ``running_var`` so that its dependence is visible to autograd (§5.4).
+    """
 
     @staticmethod
     def jvp(  # type: ignore[override]
@@ -583,12 +597,14 @@ def batch_norm(
     # -- eval (§4, §5.2) ---------------------------------------------------------------------------
     if not training:
         if implementation == "function":
-            return BatchNormEvalFunction.apply(x, running_mean, running_var, weight, bias, conv.eps, lay.axis)
+            eval_fn = _EvalCore if torch.compiler.is_compiling() else BatchNormEvalFunction
+            return eval_fn.apply(x, running_mean, running_var, weight, bias, conv.eps, lay.axis)
         return normalize(x, running_mean, running_var, weight, bias, eps=conv.eps, ax=lay.axis)
 
     # -- training (§2, §5.1) -------------------------------------------------------------------------
     if implementation == "function":
-        y, mean, var = BatchNormTrainFunction.apply(x, weight, bias, conv.eps, lay.axis)
+        train_fn = _TrainCore if torch.compiler.is_compiling() else BatchNormTrainFunction
+        y, mean, var = train_fn.apply(x, weight, bias, conv.eps, lay.axis)
     else:
         mean, var = batch_statistics(x, lay.axis)  # §2.1
         y = normalize(x, mean, var, weight, bias, eps=conv.eps, ax=lay.axis)
