@@ -310,6 +310,22 @@ def test_forward_ad_in_running_statistics_matches_autograd(impl):
     _, t_ours = jvp(f(impl), (x, rm, rv, w, b), tuple(tangents))
     _, t_ref = jvp(f("autograd"), (x, rm, rv, w, b), tuple(tangents))
     close(t_ours, t_ref, what="eval tangent")
+    # one tangent at a time (per-channel tangents alone must still give an x-shaped tangent)
+    primals = (x, rm, rv, w, b)
+    for i, name in enumerate(("x", "running_mean", "running_var", "weight", "bias")):
+        def g(t, impl_, i=i):
+            return f(impl_)(*primals[:i], t, *primals[i + 1:])
+
+        _, t_one = jvp(lambda t: g(t, impl), (primals[i],), (tangents[i],))
+        _, t_one_ref = jvp(lambda t: g(t, "autograd"), (primals[i],), (tangents[i],))
+        assert t_one.shape == x.shape
+        close(t_one, t_one_ref, what=f"eval tangent in {name} alone")
+        if name in ("x", "weight", "bias"):  # torch.nn's eval tangent ignores the running statistics
+            def native(t, i=i):
+                return F.batch_norm(*primals[:i], t, *primals[i + 1:], training=False)
+
+            _, t_nn = jvp(native, (primals[i],), (tangents[i],))
+            close(t_one, t_nn, what=f"eval tangent in {name} vs F.batch_norm")
     # and against reverse mode: <J t, v> = <t, J^T v>
     v = _tangent(x.shape, 30)
     inputs = [t.clone().requires_grad_() for t in (x, rm, rv, w, b)]

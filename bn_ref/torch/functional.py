@@ -235,6 +235,8 @@ def _affine_tangent(
         dy = _add(dy, _per_channel(dbias, acc, bshape).expand(x_hat.shape))
     if dy is None:
         return torch.zeros_like(out)
+    if dy.shape != x_hat.shape:  # only per-channel tangents (running statistics, bias): broadcast them
+        dy = dy.expand(x_hat.shape).contiguous()
     return dy.to(out.dtype)
 
 
