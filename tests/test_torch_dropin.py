@@ -253,6 +253,23 @@ def test_functional_size_mismatch_is_a_runtime_error_like_torch(name, training, 
         bnt.batch_norm(x, *(args[k] for k in order), training=training, implementation=impl)
 
 
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("name", ["weight", "running_mean"])
+def test_device_mismatch_is_a_runtime_error_like_torch(name, impl):
+    """A per-channel tensor on another device ("meta" stands in for a GPU on CPU-only machines)."""
+    layers = [bnt.BatchNorm1d(C, implementation=impl), nn.BatchNorm1d(C)]
+    for layer in layers:
+        old = getattr(layer, name)
+        meta = torch.ones(C, device="meta")
+        setattr(layer, name, nn.Parameter(meta) if isinstance(old, nn.Parameter) else meta)
+    x = make_x((4, C), seed=3, dtype=torch.float32)
+    with pytest.raises(RuntimeError):
+        layers[1](x)
+    with pytest.raises(RuntimeError, match=rf"{name} must be on the device of x \(cpu\); got meta") as info:
+        layers[0](x)
+    assert isinstance(info.value, ValueError) and isinstance(info.value, bnt.DeviceMismatchError)
+
+
 # -- 2a. forward-mode AD --------------------------------------------------------------------------------------
 
 

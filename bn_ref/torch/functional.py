@@ -41,6 +41,7 @@ from ..conventions import DEFAULT, Convention, ConventionLike, resolve
 
 __all__ = [
     "IMPLEMENTATIONS",
+    "DeviceMismatchError",
     "batch_norm",
     "batch_statistics",
     "compute_dtype",
@@ -55,6 +56,14 @@ IMPLEMENTATIONS = ("function", "autograd")
 """Valid values of ``implementation``: the closed-form ``torch.autograd.Function`` or plain ops."""
 
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
+
+
+class DeviceMismatchError(ValueError, RuntimeError):
+    """A per-channel tensor (weight, bias, running statistics) on another device than the input.
+
+    A ``ValueError`` (bn-ref's contract for bad input) and the ``RuntimeError`` torch.nn raises for
+    the same mistake, as :class:`bn_ref._checks.ShapeMismatchError` is for shapes.
+    """
 
 
 # -- small helpers ---------------------------------------------------------------------------
@@ -591,7 +600,7 @@ def batch_norm(
         _check_tensor(name, t, optional=True)
         _checks.check_per_channel(name, None if t is None else t.shape, lay.c, lay.axis, x.shape)
         if t is not None and t.device != x.device:
-            raise ValueError(f"{name} must be on the device of x ({x.device}); got {t.device}")
+            raise DeviceMismatchError(f"{name} must be on the device of x ({x.device}); got {t.device}")
     _checks.check_running_pair(running_mean is not None, running_var is not None, training=training)
     count = _check_count(count)
     _checks.check_batch(lay.n, x.shape, conv, training=training)

@@ -40,6 +40,7 @@ from torch.autograd.function import once_differentiable
 from .. import _checks
 from ..conventions import Convention, ConventionLike, get_convention
 from .functional import (
+    DeviceMismatchError,
     _cast_grad,
     _dtype_name,
     _input_grad,
@@ -275,7 +276,7 @@ class SyncBatchNorm(BatchNorm):
             ax, n_local = lay.axis, lay.n
             for name, t in (("weight", self.weight), ("bias", self.bias)) + tuple(self.named_buffers(recurse=False)):
                 if t is not None and t.device != x.device:
-                    raise ValueError(f"{name} must be on the device of the input ({x.device}); got {t.device}")
+                    raise DeviceMismatchError(f"{name} must be on the device of the input ({x.device}); got {t.device}")
         except (ValueError, TypeError) as exc:
             local_error = exc
         device = x.device if isinstance(x, torch.Tensor) else torch.device("cpu")
