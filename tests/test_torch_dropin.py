@@ -378,6 +378,33 @@ def test_torch_func_jvp_matches_torch_nn(training, impl):
         close(t_f, t_t, kappa=k, what="functional tangent")
 
 
+FUNC_TRANSFORMS = {
+    "grad": torch.func.grad,
+    "jacrev": torch.func.jacrev,
+    "jacfwd": torch.func.jacfwd,
+    "hessian": torch.func.hessian,  # forward over reverse: jvp through the closed-form backward
+    "jacrev(jacrev)": lambda f: torch.func.jacrev(torch.func.jacrev(f)),
+}
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("transform", list(FUNC_TRANSFORMS))
+def test_func_derivatives_match_f_batch_norm(transform, training, impl):
+    x = make_x((4, C, 2), seed=14)
+    w = torch.rand(C, dtype=torch.float64, generator=torch.Generator().manual_seed(1)) + 0.5
+    rm, rv = (None, None) if training else (make_x((C,), seed=15, offset=0.0), torch.rand(C, dtype=torch.float64) + 0.5)
+
+    def ours(x):
+        return (bnt.batch_norm(x, rm, rv, w, None, training=training, implementation=impl) ** 3).sum()
+
+    def theirs(x):
+        return (F.batch_norm(x, rm, rv, w, None, training=training) ** 3).sum()
+
+    tr = FUNC_TRANSFORMS[transform]
+    torch.testing.assert_close(tr(ours)(x), tr(theirs)(x), rtol=1e-9, atol=1e-11)
+
+
 # -- 2b. functional_call and vmap ------------------------------------------------------------------------------
 
 

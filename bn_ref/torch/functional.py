@@ -349,6 +349,7 @@ class BatchNormTrainFunction(_TrainCore):
             txa = tx.to(x_hat.dtype)
             s_t = txa.sum(dim=lay.reduce)
             s_tx = (txa * x_hat).sum(dim=lay.reduce)
+            # §5.1/§5.3: the Jacobian in x is the same per-channel map as the input gradient
             ty = _input_grad(txa, x_hat, inv_std.reshape(lay.bshape), weight, s_t, s_tx, lay.n, x_hat.dtype)
         return _affine_tangent(ty, x_hat, tw, tb, lay.bshape, x), None, None  # §2.3
 
@@ -445,7 +446,8 @@ class BatchNormEvalFunction(_EvalCore):
         lay = ctx.layout
         x_hat = _standardize(x, running_mean, inv_std, lay.bshape)  # §4
         acc = x_hat.dtype
-        inner = None  # tx - tm - x_hat * inv_std * tv / 2: the tangent of x_hat divided by inv_std
+        # §4 differentiated (as §5.2): tx - tm - x_hat * inv_std * tv / 2 is the tangent of x_hat over inv_std
+        inner = None
         if tx is not None:
             inner = tx.to(acc)
         if tm is not None:
