@@ -267,9 +267,7 @@ class _TrainCore(torch.autograd.Function):
         x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, eps: float, ax: int
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         mean, var = batch_statistics(x, ax)  # §2.1
-        inv_std = inverse_std(var, eps, compute_dtype(x.dtype))  # §2.2
-        bshape = _checks.broadcast_shape(x.ndim, ax, x.shape[ax])
-        return _normalized(x, mean, inv_std, weight, bias, bshape), mean, var  # §2.2, §2.3
+        return normalize(x, mean, var, weight, bias, eps=eps, ax=ax), mean, var  # §2.2, §2.3
 
     @staticmethod
     def setup_context(ctx: Any, inputs: tuple[Any, ...], output: tuple[torch.Tensor, ...]) -> None:
@@ -370,9 +368,7 @@ class _EvalCore(torch.autograd.Function):
         eps: float,
         ax: int,
     ) -> torch.Tensor:
-        inv_std = inverse_std(running_var, eps, compute_dtype(x.dtype))  # §4
-        bshape = _checks.broadcast_shape(x.ndim, ax, x.shape[ax])
-        return _normalized(x, running_mean, inv_std, weight, bias, bshape)  # §4, §2.3
+        return normalize(x, running_mean, running_var, weight, bias, eps=eps, ax=ax)  # §4, §2.3
 
     @staticmethod
     def setup_context(ctx: Any, inputs: tuple[Any, ...], output: torch.Tensor) -> None:
