@@ -21,10 +21,13 @@ from .functional import (
     IMPLEMENTATIONS,
     BatchNormEvalFunction,
     BatchNormTrainFunction,
+    DeviceMismatchError,
     batch_norm,
     batch_statistics,
     compute_dtype,
+    inverse_std,
     normalize,
+    update_running_,
 )
 from .lenet import lenet, native_batch_norm_kwargs
 from .modules import BatchNorm, BatchNorm1d, BatchNorm2d, BatchNorm3d
@@ -38,14 +41,17 @@ __all__ = [
     "BatchNorm3d",
     "BatchNormEvalFunction",
     "BatchNormTrainFunction",
+    "DeviceMismatchError",
     "SyncBatchNorm",
     "SyncBatchNormFunction",
     "batch_norm",
     "batch_statistics",
     "compute_dtype",
     "convert_sync_batchnorm",
+    "inverse_std",
     "lenet",
     "merge_statistics",
     "native_batch_norm_kwargs",
     "normalize",
+    "update_running_",
 ]

@@ -31,7 +31,6 @@ with ``b = var_B * n / (n - 1)`` fed to the running variance under ``running_var
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from typing import Any, Union
 
@@ -42,10 +41,13 @@ from ..conventions import DEFAULT, Convention, ConventionLike, resolve
 
 __all__ = [
     "IMPLEMENTATIONS",
+    "DeviceMismatchError",
     "batch_norm",
     "batch_statistics",
     "compute_dtype",
+    "inverse_std",
     "normalize",
+    "update_running_",
     "BatchNormTrainFunction",
     "BatchNormEvalFunction",
 ]
@@ -54,6 +56,14 @@ IMPLEMENTATIONS = ("function", "autograd")
 """Valid values of ``implementation``: the closed-form ``torch.autograd.Function`` or plain ops."""
 
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
+
+
+class DeviceMismatchError(ValueError, RuntimeError):
+    """A per-channel tensor (weight, bias, running statistics) on another device than the input.
+
+    A ``ValueError`` (bn-ref's contract for bad input) and the ``RuntimeError`` torch.nn raises for
+    the same mistake, as :class:`bn_ref._checks.ShapeMismatchError` is for shapes.
+    """
 
 
 # -- small helpers ---------------------------------------------------------------------------
@@ -71,10 +81,6 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float32 if dtype in _LOW_PRECISION else dtype
 
 
-def _broadcast_shape(ndim: int, ax: int, c: int) -> tuple[int, ...]:
-    return tuple(c if i == ax else 1 for i in range(ndim))
-
-
 def _per_channel(t: torch.Tensor | None, dtype: torch.dtype, bshape: Sequence[int]) -> torch.Tensor | None:
     """A (C,) tensor cast to ``dtype`` and shaped to broadcast against x; None stays None."""
     return None if t is None else t.to(dtype).reshape(bshape)
@@ -88,6 +94,11 @@ def check_implementation(implementation: object) -> str:
 
 
 # -- the numerical building blocks (differentiable, pure) ------------------------------------
+#
+# Each formula is written once: the statistics in batch_statistics (§2.1), 1/sqrt(var + eps) in
+# inverse_std (§2.2), x_hat in _standardize (§2.2, §4), the affine map in _affine (§2.3), their
+# composition in _normalized, the input gradient in _input_grad (§5.1) and the running update in
+# update_running_ (§3). The Functions below, the "autograd" path and SyncBatchNorm call them.
 
 
 def batch_statistics(x: torch.Tensor, ax: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -105,33 +116,25 @@ def batch_statistics(x: torch.Tensor, ax: int) -> tuple[torch.Tensor, torch.Tens
     """
     red = _checks.reduction_axes(x.ndim, ax)
     xa = x.to(compute_dtype(x.dtype))
-    mean = xa.mean(dim=red, keepdim=True)
+    mean = xa.mean(dim=red, keepdim=True)  # §2.1, first pass
     centred = xa - mean
-    var = (centred * centred).mean(dim=red, keepdim=True)
+    var = (centred * centred).mean(dim=red, keepdim=True)  # §2.1, second pass (§8.1)
     return mean.reshape(-1), var.reshape(-1)
 
 
-def normalize(
-    x: torch.Tensor,
-    mean: torch.Tensor,
-    var: torch.Tensor,
-    weight: torch.Tensor | None,
-    bias: torch.Tensor | None,
-    *,
-    eps: float,
-    ax: int,
-) -> torch.Tensor:
-    """``y = weight * (x - mean) / sqrt(var + eps) + bias`` per channel (§2.2, §2.3, §4).
+def inverse_std(var: torch.Tensor, eps: float, dtype: torch.dtype) -> torch.Tensor:
+    """§2.2 / §4: ``1 / sqrt(var + eps)`` per channel, (C,) in ``dtype`` (the compute dtype)."""
+    return torch.rsqrt(var.to(dtype) + eps)
 
-    ``mean``/``var`` are the batch statistics in training and the running statistics in eval.
-    Computed in the compute dtype of ``x``; returns a tensor of ``x``'s dtype and shape.
-    Differentiable with plain tensor ops (this is the ``"autograd"`` implementation's forward).
+
+def _standardize(x: torch.Tensor, mean: torch.Tensor, inv_std: torch.Tensor, bshape: Sequence[int]) -> torch.Tensor:
+    """§2.2 (training) / §4 (eval): ``x_hat = (x - mean) * inv_std``, in the compute dtype of x.
+
+    ``mean`` and ``inv_std`` are (C,) (batch or running statistics); ``bshape`` is
+    :func:`bn_ref._checks.broadcast_shape` of ``x``.
     """
     acc = compute_dtype(x.dtype)
-    bshape = _broadcast_shape(x.ndim, ax, x.shape[ax])
-    inv_std = torch.rsqrt(var.to(acc) + eps).reshape(bshape)  # §2.2: 1 / sqrt(var + eps)
-    y = (x.to(acc) - mean.to(acc).reshape(bshape)) * inv_std  # §2.2: x_hat
-    return _affine(y, weight, bias, acc, bshape).to(x.dtype)
+    return (x.to(acc) - mean.to(acc).reshape(bshape)) * inv_std.to(acc).reshape(bshape)
 
 
 def _affine(
@@ -150,14 +153,50 @@ def _affine(
     return y
 
 
+def _normalized(
+    x: torch.Tensor,
+    mean: torch.Tensor,
+    inv_std: torch.Tensor,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    bshape: Sequence[int],
+) -> torch.Tensor:
+    """The normalization of §2.2-§2.3 (training) and §4 (eval), in ``x``'s dtype and shape::
+
+        y = weight * (x - mean) * inv_std + bias
+
+    The single place every forward in this backend (both implementations, both modes,
+    SyncBatchNorm) turns statistics into outputs.
+    """
+    acc = compute_dtype(x.dtype)
+    return _affine(_standardize(x, mean, inv_std, bshape), weight, bias, acc, bshape).to(x.dtype)
+
+
+def normalize(
+    x: torch.Tensor,
+    mean: torch.Tensor,
+    var: torch.Tensor,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    *,
+    eps: float,
+    ax: int,
+) -> torch.Tensor:
+    """``y = weight * (x - mean) / sqrt(var + eps) + bias`` per channel (§2.2, §2.3, §4).
+
+    ``mean``/``var`` (C,) are the batch statistics in training and the running statistics in
+    eval. Computed in the compute dtype of ``x``; returns a tensor of ``x``'s dtype and shape.
+    Differentiable with plain tensor ops (this is the ``"autograd"`` implementation's forward).
+    """
+    bshape = _checks.broadcast_shape(x.ndim, ax, x.shape[ax])
+    return _normalized(x, mean, inverse_std(var, eps, compute_dtype(x.dtype)), weight, bias, bshape)
+
+
 def _cast_grad(g: torch.Tensor, dtype: torch.dtype | None, needed: bool) -> torch.Tensor | None:
     """A per-channel gradient in the dtype of the tensor it belongs to (None if not needed)."""
     if not needed or dtype is None:
         return None
     return g.to(dtype)
-
-
-# -- the closed-form backward as autograd Functions ------------------------------------------
 
 
 def _input_grad(
@@ -174,6 +213,10 @@ def _input_grad(
 
     ``dya``, ``x_hat`` are in the compute dtype, ``inv_std_b`` is broadcastable against them, and
     the sums are (C,) over the ``n`` values of each channel (the global ones under §11.6).
+
+    The Jacobian of x -> y in training is this same map (§5.3: it is symmetric per channel), so
+    the forward-mode tangent of ``y`` for an input tangent ``t`` is ``_input_grad(t, ...)`` with
+    the sums of ``t`` and ``t * x_hat``.
     """
     bshape = inv_std_b.shape
     scale = inv_std_b if weight is None else _per_channel(weight, dya.dtype, bshape) * inv_std_b
@@ -181,7 +224,87 @@ def _input_grad(
     return dx.to(out_dtype)
 
 
-class BatchNormTrainFunction(torch.autograd.Function):
+def _add(acc: torch.Tensor | None, term: torch.Tensor) -> torch.Tensor:
+    return term if acc is None else acc + term
+
+
+def _affine_tangent(
+    dy: torch.Tensor | None,
+    x_hat: torch.Tensor,
+    dweight: torch.Tensor | None,
+    dbias: torch.Tensor | None,
+    bshape: Sequence[int],
+    out: torch.Tensor,
+) -> torch.Tensor:
+    """§2.3 differentiated in ``weight`` and ``bias``: ``dy + dweight * x_hat + dbias``, in out's dtype."""
+    acc = x_hat.dtype
+    if dweight is not None:
+        dy = _add(dy, _per_channel(dweight, acc, bshape) * x_hat)
+    if dbias is not None:
+        dy = _add(dy, _per_channel(dbias, acc, bshape).expand(x_hat.shape))
+    if dy is None:
+        return torch.zeros_like(out)
+    if dy.shape != x_hat.shape:  # only per-channel tangents (running statistics, bias): broadcast them
+        dy = dy.expand(x_hat.shape).contiguous()
+    return dy.to(out.dtype)
+
+
+# -- the closed-form backward as autograd Functions ------------------------------------------
+
+
+class _TrainCore(torch.autograd.Function):
+    """:class:`BatchNormTrainFunction` without the forward-mode rule; see there.
+
+    TorchDynamo cannot trace an ``autograd.Function`` that defines ``jvp``, so
+    :func:`batch_norm` applies this class while ``torch.compile`` traces (forward-mode AD does not
+    reach compiled code) and :class:`BatchNormTrainFunction` otherwise. Same numbers.
+    """
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, eps: float, ax: int
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        mean, var = batch_statistics(x, ax)  # §2.1
+        return normalize(x, mean, var, weight, bias, eps=eps, ax=ax), mean, var  # §2.2, §2.3
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple[Any, ...], output: tuple[torch.Tensor, ...]) -> None:
+        x, weight, bias, eps, ax = inputs
+        _, mean, var = output
+        inv_std = inverse_std(var, eps, mean.dtype)  # §2.2, bit for bit the forward's
+        ctx.save_for_backward(x, weight, mean, inv_std)
+        ctx.save_for_forward(x, weight, mean, inv_std)
+        ctx.eps, ctx.layout = eps, _checks.layout(x.shape, ax)
+        ctx.bias_dtype = None if bias is None else bias.dtype
+        ctx.mark_non_differentiable(mean, var)
+        ctx.set_materialize_grads(False)
+
+    @staticmethod
+    def backward(ctx: Any, dy: torch.Tensor | None, _dmean: Any, _dvar: Any):  # type: ignore[override]
+        x, weight, mean, inv_std = ctx.saved_tensors
+        needs_x, needs_w, needs_b = ctx.needs_input_grad[:3]
+        if dy is None:
+            return None, None, None, None, None
+        lay = ctx.layout
+        acc = compute_dtype(x.dtype)
+        if torch.is_grad_enabled():
+            # §5.4: double backward -- recompute the statistics differentiably from x.
+            mean, var = batch_statistics(x, lay.axis)
+            inv_std = inverse_std(var, ctx.eps, acc)
+        dya = dy.to(acc)
+        x_hat = _standardize(x, mean, inv_std, lay.bshape)  # §2.2
+        dbeta = dya.sum(dim=lay.reduce)  # §5.1
+        dgamma = (dya * x_hat).sum(dim=lay.reduce)  # §5.1
+        inv_std_b = inv_std.reshape(lay.bshape)
+        dx = _input_grad(dya, x_hat, inv_std_b, weight, dbeta, dgamma, lay.n, x.dtype) if needs_x else None
+        d_weight = _cast_grad(dgamma, None if weight is None else weight.dtype, needs_w)
+        d_bias = _cast_grad(dbeta, ctx.bias_dtype, needs_b)
+        return dx, d_weight, d_bias, None, None
+
+
+class BatchNormTrainFunction(_TrainCore):
     """Training-mode BN with the closed-form gradient of §5.1.
 
     ``apply(x, weight, bias, eps, ax) -> (y, mean, var)``; ``weight``/``bias`` may be None.
@@ -189,13 +312,18 @@ class BatchNormTrainFunction(torch.autograd.Function):
     running update and marked non-differentiable (the gradient through them is already part of
     the closed form of ``dx``).
 
-    Forward saves ``x``, ``weight``, the batch mean and the inverse standard deviation. The
+    The context keeps ``x``, ``weight``, the batch mean and the inverse standard deviation. The
     first-order backward uses them directly (no recomputation)::
 
         x_hat  = (x - mean) * inv_std
         dbeta  = sum(dy)                                                  (§5.1)
         dgamma = sum(dy * x_hat)                                          (§5.1)
         dx     = weight * inv_std * (dy - dbeta / n - x_hat * dgamma / n) (§5.1)
+
+    Forward mode (:meth:`jvp`, for ``torch.autograd.forward_ad`` and ``torch.func.jvp``): the
+    Jacobian in ``x`` is the same per-channel map, so for tangents ``(tx, tw, tb)``::
+
+        ty = weight * inv_std * (tx - mean(tx) - x_hat * mean(tx * x_hat)) + tw * x_hat + tb
 
     Double backward (§5.4): when the backward itself is being differentiated
     (``create_graph=True``, seen as ``torch.is_grad_enabled()`` inside ``backward``), the saved
@@ -204,54 +332,79 @@ class BatchNormTrainFunction(torch.autograd.Function):
     the saved ``x`` with differentiable ops (§2.1) and evaluates the same closed form, so autograd
     differentiates an exact expression of ``dx(x, weight, dy)``. Only the double-backward path
     pays for the recomputation.
+
+    ``torch.func.vmap`` runs the forward per sample of the mapped dimension
+    (``generate_vmap_rule``).
     """
 
     @staticmethod
-    def forward(  # type: ignore[override]
-        ctx: Any, x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, eps: float, ax: int
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        acc = compute_dtype(x.dtype)
-        bshape = _broadcast_shape(x.ndim, ax, x.shape[ax])
-        mean, var = batch_statistics(x, ax)  # §2.1
-        inv_std = torch.rsqrt(var + eps)  # §2.2
-        x_hat = (x.to(acc) - mean.reshape(bshape)) * inv_std.reshape(bshape)  # §2.2
-        y = _affine(x_hat, weight, bias, acc, bshape).to(x.dtype)  # §2.3
-        ctx.save_for_backward(x, weight, mean, inv_std)
-        ctx.eps, ctx.ax = eps, ax
-        ctx.bias_dtype = None if bias is None else bias.dtype
-        ctx.mark_non_differentiable(mean, var)
-        ctx.set_materialize_grads(False)
-        return y, mean, var
+    def jvp(ctx: Any, tx: torch.Tensor | None, tw: torch.Tensor | None, tb: torch.Tensor | None, *_: Any):  # type: ignore[override]
+        x, weight, mean, inv_std = ctx.saved_tensors
+        lay = ctx.layout
+        x_hat = _standardize(x, mean, inv_std, lay.bshape)  # §2.2
+        ty = None
+        if tx is not None:
+            txa = tx.to(x_hat.dtype)
+            s_t = txa.sum(dim=lay.reduce)
+            s_tx = (txa * x_hat).sum(dim=lay.reduce)
+            # §5.1/§5.3: the Jacobian in x is the same per-channel map as the input gradient
+            ty = _input_grad(txa, x_hat, inv_std.reshape(lay.bshape), weight, s_t, s_tx, lay.n, x_hat.dtype)
+        return _affine_tangent(ty, x_hat, tw, tb, lay.bshape, x), None, None  # §2.3
+
+
+class _EvalCore(torch.autograd.Function):
+    """:class:`BatchNormEvalFunction` without the forward-mode rule (for ``torch.compile``, as
+    :class:`_TrainCore`); see there."""
+
+    generate_vmap_rule = True
 
     @staticmethod
-    def backward(ctx: Any, dy: torch.Tensor | None, _dmean: Any, _dvar: Any):  # type: ignore[override]
-        x, weight, mean, inv_std = ctx.saved_tensors
-        needs_x, needs_w, needs_b = ctx.needs_input_grad[:3]
+    def forward(  # type: ignore[override]
+        x: torch.Tensor,
+        running_mean: torch.Tensor,
+        running_var: torch.Tensor,
+        weight: torch.Tensor | None,
+        bias: torch.Tensor | None,
+        eps: float,
+        ax: int,
+    ) -> torch.Tensor:
+        return normalize(x, running_mean, running_var, weight, bias, eps=eps, ax=ax)  # §4, §2.3
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple[Any, ...], output: torch.Tensor) -> None:
+        x, running_mean, running_var, weight, bias, eps, ax = inputs
+        inv_std = inverse_std(running_var, eps, compute_dtype(x.dtype))  # §4, bit for bit the forward's
+        ctx.save_for_backward(x, running_mean, running_var, weight, inv_std)
+        ctx.save_for_forward(x, running_mean, running_var, weight, inv_std)
+        ctx.eps, ctx.layout = eps, _checks.layout(x.shape, ax)
+        ctx.bias_dtype = None if bias is None else bias.dtype
+        ctx.set_materialize_grads(False)
+
+    @staticmethod
+    def backward(ctx: Any, dy: torch.Tensor | None):  # type: ignore[override]
+        x, running_mean, running_var, weight, inv_std = ctx.saved_tensors
+        needs_x, needs_rm, needs_rv, needs_w, needs_b = ctx.needs_input_grad[:5]
         if dy is None:
-            return None, None, None, None, None
-        ax, eps = ctx.ax, ctx.eps
+            return (None,) * 7
+        lay = ctx.layout
         acc = compute_dtype(x.dtype)
-        c = x.shape[ax]
-        bshape = _broadcast_shape(x.ndim, ax, c)
-        red = _checks.reduction_axes(x.ndim, ax)
-        n = math.prod(x.shape[i] for i in red)
         if torch.is_grad_enabled():
-            # §5.4: double backward -- recompute the statistics differentiably from x.
-            mean, var = batch_statistics(x, ax)
-            inv_std = torch.rsqrt(var + eps)
-        xa = x.to(acc)
+            inv_std = inverse_std(running_var, ctx.eps, acc)  # §5.4: keep the dependence on running_var
         dya = dy.to(acc)
-        inv_std_b = inv_std.reshape(bshape)
-        x_hat = (xa - mean.reshape(bshape)) * inv_std_b
-        dbeta = dya.sum(dim=red)  # §5.1
-        dgamma = (dya * x_hat).sum(dim=red)  # §5.1
-        dx = _input_grad(dya, x_hat, inv_std_b, weight, dbeta, dgamma, n, x.dtype) if needs_x else None
+        x_hat = _standardize(x, running_mean, inv_std, lay.bshape)  # §4
+        dbeta = dya.sum(dim=lay.reduce)  # §5.2
+        dgamma = (dya * x_hat).sum(dim=lay.reduce)  # §5.2
+        g = None if weight is None else weight.to(acc)
+        scale = inv_std if g is None else g * inv_std  # (C,)
+        dx = (scale.reshape(lay.bshape) * dya).to(x.dtype) if needs_x else None  # §5.2
+        d_rm = (-scale * dbeta).to(running_mean.dtype) if needs_rm else None
+        d_rv = (-0.5 * scale * inv_std * dgamma).to(running_var.dtype) if needs_rv else None
         d_weight = _cast_grad(dgamma, None if weight is None else weight.dtype, needs_w)
         d_bias = _cast_grad(dbeta, ctx.bias_dtype, needs_b)
-        return dx, d_weight, d_bias, None, None
+        return dx, d_rm, d_rv, d_weight, d_bias, None, None
 
 
-class BatchNormEvalFunction(torch.autograd.Function):
+class BatchNormEvalFunction(_EvalCore):
     """Eval-mode BN (running statistics) with the closed-form gradient of §5.2.
 
     ``apply(x, running_mean, running_var, weight, bias, eps, ax) -> y``. The running statistics
@@ -266,57 +419,86 @@ class BatchNormEvalFunction(torch.autograd.Function):
 
         d running_mean = -weight * inv_std * dbeta,   d running_var = -weight * inv_std^2 * dgamma / 2
 
-    Forward saves ``x``, the running statistics, ``weight`` and ``inv_std``; the backward reuses
-    ``inv_std`` unless it is being differentiated (``create_graph=True``), in which case it is
-    recomputed from ``running_var`` so that its dependence is visible to autograd (§5.4).
+    Forward mode (:meth:`jvp`) is the same linearization: for tangents ``(tx, tm, tv, tw, tb)``::
+
+        ty = weight * inv_std * (tx - tm - x_hat * inv_std * tv / 2) + tw * x_hat + tb
+
+    The context keeps ``x``, the running statistics, ``weight`` and ``inv_std``; the backward
+    reuses ``inv_std`` unless it is being differentiated (``create_graph=True``), in which case it
+    is recomputed from ``running_var`` so that its dependence is visible to autograd (§5.4).
     """
 
     @staticmethod
-    def forward(  # type: ignore[override]
+    def jvp(  # type: ignore[override]
         ctx: Any,
-        x: torch.Tensor,
-        running_mean: torch.Tensor,
-        running_var: torch.Tensor,
-        weight: torch.Tensor | None,
-        bias: torch.Tensor | None,
-        eps: float,
-        ax: int,
+        tx: torch.Tensor | None,
+        tm: torch.Tensor | None,
+        tv: torch.Tensor | None,
+        tw: torch.Tensor | None,
+        tb: torch.Tensor | None,
+        *_: Any,
     ) -> torch.Tensor:
-        acc = compute_dtype(x.dtype)
-        bshape = _broadcast_shape(x.ndim, ax, x.shape[ax])
-        inv_std = torch.rsqrt(running_var.to(acc) + eps)  # §4
-        x_hat = (x.to(acc) - running_mean.to(acc).reshape(bshape)) * inv_std.reshape(bshape)  # §4
-        y = _affine(x_hat, weight, bias, acc, bshape).to(x.dtype)  # §2.3
-        ctx.save_for_backward(x, running_mean, running_var, weight, inv_std)
-        ctx.eps, ctx.ax = eps, ax
-        ctx.bias_dtype = None if bias is None else bias.dtype
-        ctx.set_materialize_grads(False)
-        return y
-
-    @staticmethod
-    def backward(ctx: Any, dy: torch.Tensor | None):  # type: ignore[override]
         x, running_mean, running_var, weight, inv_std = ctx.saved_tensors
-        needs_x, needs_rm, needs_rv, needs_w, needs_b = ctx.needs_input_grad[:5]
-        if dy is None:
-            return (None,) * 7
-        ax = ctx.ax
-        acc = compute_dtype(x.dtype)
-        bshape = _broadcast_shape(x.ndim, ax, x.shape[ax])
-        red = _checks.reduction_axes(x.ndim, ax)
-        if torch.is_grad_enabled():
-            inv_std = torch.rsqrt(running_var.to(acc) + ctx.eps)  # §5.4: keep the dependence on running_var
-        dya = dy.to(acc)
-        x_hat = (x.to(acc) - running_mean.to(acc).reshape(bshape)) * inv_std.reshape(bshape)
-        dbeta = dya.sum(dim=red)  # §5.2
-        dgamma = (dya * x_hat).sum(dim=red)  # §5.2
-        g = None if weight is None else weight.to(acc)
-        scale = inv_std if g is None else g * inv_std  # (C,)
-        dx = (scale.reshape(bshape) * dya).to(x.dtype) if needs_x else None  # §5.2
-        d_rm = (-scale * dbeta).to(running_mean.dtype) if needs_rm else None
-        d_rv = (-0.5 * scale * inv_std * dgamma).to(running_var.dtype) if needs_rv else None
-        d_weight = _cast_grad(dgamma, None if weight is None else weight.dtype, needs_w)
-        d_bias = _cast_grad(dbeta, ctx.bias_dtype, needs_b)
-        return dx, d_rm, d_rv, d_weight, d_bias, None, None
+        lay = ctx.layout
+        x_hat = _standardize(x, running_mean, inv_std, lay.bshape)  # §4
+        acc = x_hat.dtype
+        # §4 differentiated (as §5.2): tx - tm - x_hat * inv_std * tv / 2 is the tangent of x_hat over inv_std
+        inner = None
+        if tx is not None:
+            inner = tx.to(acc)
+        if tm is not None:
+            inner = _add(inner, -_per_channel(tm, acc, lay.bshape))
+        if tv is not None:
+            inner = _add(inner, -0.5 * x_hat * (inv_std.to(acc) * tv.to(acc)).reshape(lay.bshape))
+        ty = None
+        if inner is not None:
+            scale = inv_std.to(acc) if weight is None else weight.to(acc) * inv_std.to(acc)
+            ty = scale.reshape(lay.bshape) * inner
+        return _affine_tangent(ty, x_hat, tw, tb, lay.bshape, x)  # §2.3
+
+
+# -- the running update (§3) ---------------------------------------------------------------------
+
+
+def _ema_(running: torch.Tensor, batch: torch.Tensor, w_running: Any, w_batch: Any) -> None:
+    """In place: ``running <- w_running * running + w_batch * batch`` (§3), in the wider dtype."""
+    dt = torch.promote_types(running.dtype, batch.dtype)
+    running.copy_(running.to(dt) * w_running + batch.to(dt) * w_batch)
+
+
+def update_running_(
+    running_mean: torch.Tensor,
+    running_var: torch.Tensor,
+    mean: torch.Tensor,
+    var: torch.Tensor,
+    n: Union[int, torch.Tensor],
+    *,
+    convention: Convention,
+    count: Union[int, torch.Tensor] = 0,
+) -> None:
+    """One training step of the running statistics, in place and outside autograd (§3).
+
+    With ``(w_r, w_b) = convention.update_weights(count)`` (§3.1 momentum on the batch term, §3.2
+    on the running term, §3.3 cumulative average for ``momentum=None``)::
+
+        running_mean <- w_r * running_mean + w_b * mean
+        running_var  <- w_r * running_var  + w_b * var * convention.variance_correction(n)   # §3.4
+
+    Args:
+        running_mean, running_var: (C,) buffers, updated in place (their dtype is kept).
+        mean, var: (C,) biased batch statistics; no gradient flows from the update into them.
+        n: values per channel behind ``mean``/``var`` (global under cross-replica statistics, §11.3).
+        convention: the resolved :class:`bn_ref.Convention`.
+        count: training steps already taken (an int, or a 0-d integer tensor such as
+            ``num_batches_tracked`` before its increment); only ``momentum=None`` reads it.
+    """
+    with torch.no_grad():
+        if isinstance(count, torch.Tensor):
+            count = count.to(torch.float64)  # §3.3: 1 / (count + 1) in float64, not the default dtype
+        w_running, w_batch = convention.update_weights(count)  # §3.1-§3.3
+        correction = convention.variance_correction(n)  # §3.4
+        _ema_(running_mean, mean.detach(), w_running, w_batch)
+        _ema_(running_var, var.detach() * correction, w_running, w_batch)
 
 
 # -- the functional entry point ----------------------------------------------------------------
@@ -342,12 +524,6 @@ def _check_count(count: Any) -> Union[int, torch.Tensor]:
             )
         return count
     return _checks.check_count(count)
-
-
-def _ema_(running: torch.Tensor, batch: torch.Tensor, w_running: Any, w_batch: Any) -> None:
-    """In place: ``running <- w_running * running + w_batch * batch`` (§3), in the wider dtype."""
-    dt = torch.promote_types(running.dtype, batch.dtype)
-    running.copy_(running.to(dt) * w_running + batch.to(dt) * w_batch)
 
 
 def batch_norm(
@@ -417,42 +593,32 @@ def batch_norm(
     implementation = check_implementation(implementation)
     conv: Convention = resolve(convention, eps=eps, momentum=momentum, feature_axis=axis)
     _check_tensor("x", x, optional=False)
-    ax, c, n = _checks.check_input(x.shape, conv.feature_axis)
+    lay = _checks.layout(x.shape, conv.feature_axis)
     for name, t in (("running_mean", running_mean), ("running_var", running_var), ("weight", weight), ("bias", bias)):
         _check_tensor(name, t, optional=True)
-        _checks.check_per_channel(name, None if t is None else t.shape, c, ax, x.shape)
+        _checks.check_per_channel(name, None if t is None else t.shape, lay.c, lay.axis, x.shape)
         if t is not None and t.device != x.device:
-            raise ValueError(f"{name} must be on the device of x ({x.device}); got {t.device}")
-    if (running_mean is None) != (running_var is None):
-        raise ValueError("running_mean and running_var must be given together (both tensors or both None)")
-    if not training and running_mean is None:
-        raise ValueError(
-            "eval (training=False) normalizes with the running statistics (spec §4): running_mean and "
-            "running_var are required; got None"
-        )
+            raise DeviceMismatchError(f"{name} must be on the device of x ({x.device}); got {t.device}")
+    _checks.check_running_pair(running_mean is not None, running_var is not None, training=training)
     count = _check_count(count)
-    _checks.check_batch(n, x.shape, conv, training=training)
+    _checks.check_batch(lay.n, x.shape, conv, training=training)
 
     # -- eval (§4, §5.2) ---------------------------------------------------------------------------
     if not training:
         if implementation == "function":
-            return BatchNormEvalFunction.apply(x, running_mean, running_var, weight, bias, conv.eps, ax)
-        return normalize(x, running_mean, running_var, weight, bias, eps=conv.eps, ax=ax)
+            eval_fn = _EvalCore if torch.compiler.is_compiling() else BatchNormEvalFunction
+            return eval_fn.apply(x, running_mean, running_var, weight, bias, conv.eps, lay.axis)
+        return normalize(x, running_mean, running_var, weight, bias, eps=conv.eps, ax=lay.axis)
 
     # -- training (§2, §5.1) -------------------------------------------------------------------------
     if implementation == "function":
-        y, mean, var = BatchNormTrainFunction.apply(x, weight, bias, conv.eps, ax)
+        train_fn = _TrainCore if torch.compiler.is_compiling() else BatchNormTrainFunction
+        y, mean, var = train_fn.apply(x, weight, bias, conv.eps, lay.axis)
     else:
-        mean, var = batch_statistics(x, ax)  # §2.1
-        y = normalize(x, mean, var, weight, bias, eps=conv.eps, ax=ax)
+        mean, var = batch_statistics(x, lay.axis)  # §2.1
+        y = normalize(x, mean, var, weight, bias, eps=conv.eps, ax=lay.axis)
 
     # -- running update (§3), outside autograd ---------------------------------------------------------
     if running_mean is not None:
-        with torch.no_grad():
-            if isinstance(count, torch.Tensor):
-                count = count.to(torch.float64) if conv.momentum is None else 0
-            w_running, w_batch = conv.update_weights(count)  # §3.1-§3.3
-            correction = conv.variance_correction(n)  # §3.4
-            _ema_(running_mean, mean.detach(), w_running, w_batch)
-            _ema_(running_var, var.detach() * correction, w_running, w_batch)
+        update_running_(running_mean, running_var, mean, var, lay.n, convention=conv, count=count)  # §3
     return y

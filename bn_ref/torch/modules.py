@@ -20,8 +20,7 @@ after the increment that PyTorch uses).
 
 from __future__ import annotations
 
-import numbers
-from typing import Any
+from typing import Any, Final
 
 import torch
 from torch import nn
@@ -33,6 +32,46 @@ from .functional import batch_norm, check_implementation
 __all__ = ["BatchNorm", "BatchNorm1d", "BatchNorm2d", "BatchNorm3d"]
 
 
+class _ConventionDefault(float):
+    """A constructor default that reads as PyTorch's value but means "the convention's own".
+
+    ``inspect.signature(bn_ref.torch.BatchNorm2d)`` shows ``eps=1e-05, momentum=0.1`` exactly as
+    ``torch.nn.BatchNorm2d``'s, and under ``convention="pytorch"`` those are the values used. Under
+    another convention an argument left at its default takes that convention's value (``"keras"``:
+    eps 1e-3, momentum 0.99 on the running term), while any value passed explicitly -- ``1e-05``
+    included -- overrides it. The two defaults below are told from user values by identity.
+    """
+
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return float.__repr__(self)
+
+
+TORCH_EPS: Final = _ConventionDefault(1e-5)
+"""Default ``eps`` of the layers: torch.nn's 1e-05, standing for ``convention.eps`` (§2.2)."""
+
+TORCH_MOMENTUM: Final = _ConventionDefault(0.1)
+"""Default ``momentum`` of the layers: torch.nn's 0.1, standing for ``convention.momentum`` (§3)."""
+
+
+def layer_convention(
+    convention: ConventionLike, eps: Any, momentum: Any, feature_axis: int | None
+) -> Convention:
+    """The convention a layer runs under: ``convention`` with the explicitly passed overrides (§3.5, §9).
+
+    ``eps`` and ``momentum`` left at :data:`TORCH_EPS` / :data:`TORCH_MOMENTUM` (or given as
+    ``None`` / :data:`bn_ref.DEFAULT` respectively) keep the convention's values;
+    ``momentum=None`` is the cumulative average (§3.3).
+    """
+    return resolve(
+        convention,
+        eps=None if (eps is None or eps is TORCH_EPS) else eps,
+        momentum=DEFAULT if momentum is TORCH_MOMENTUM else momentum,
+        feature_axis=feature_axis,
+    )
+
+
 class BatchNorm(nn.Module):
     """Batch Normalization over any input of rank >= 2, under a :class:`bn_ref.Convention`.
 
@@ -41,19 +80,28 @@ class BatchNorm(nn.Module):
     grad mode. ``track_running_stats=False`` has no running statistics and uses batch statistics
     in eval too, as ``torch.nn.BatchNorm*d`` does.
 
+    The constructor takes ``torch.nn.BatchNorm*d``'s arguments in torch 2.13's order and with its
+    defaults (``BatchNorm1d(10, 1e-3, None)`` works as there), then bn-ref's own options,
+    keyword-only.
+
     Args:
         num_features: C, the size of the feature axis.
-        convention: preset name or :class:`bn_ref.Convention` (default ``"pytorch"``).
-        eps: overrides ``convention.eps`` (None keeps it).
-        momentum: overrides ``convention.momentum``; ``None`` is the cumulative average (§3.3),
-            the default ``DEFAULT`` keeps the convention's. It is read as the convention reads it
-            (``momentum_on``), so ``momentum=0.9`` under ``"flax"`` weights the running term.
+        eps: added to the variance (§2.2). Left at its default (shown as torch's 1e-05) it is
+            ``convention.eps``; any value passed overrides the convention's. ``None`` also keeps it.
+        momentum: the running-update momentum (§3); ``None`` is the cumulative average (§3.3).
+            Left at its default (shown as torch's 0.1) it is ``convention.momentum``; a value
+            passed is read as the convention reads it (``momentum_on``), so ``momentum=0.9``
+            under ``"flax"`` weights the running term. :data:`bn_ref.DEFAULT` also keeps it.
         affine: learnable ``weight`` (ones) and ``bias`` (zeros), shaped (C,).
         track_running_stats: keep ``running_mean`` (zeros), ``running_var`` (ones) and
             ``num_batches_tracked`` (int64 scalar 0) as buffers.
-        feature_axis: overrides ``convention.feature_axis`` (1 for (N, C, ...), -1 for (N, ..., C)).
         device, dtype: where and in which dtype parameters and running statistics live. Inputs
             may have another floating dtype (bfloat16 input with float32 parameters, say).
+        bias: with ``affine=True``, whether there is a learnable ``bias`` (torch 2.13's keyword:
+            ``bias=False`` keeps ``weight`` and registers ``bias`` as None). Ignored without
+            ``affine``, as in torch.
+        convention: preset name or :class:`bn_ref.Convention` (default ``"pytorch"``).
+        feature_axis: overrides ``convention.feature_axis`` (1 for (N, C, ...), -1 for (N, ..., C)).
         implementation: ``"function"`` (closed-form backward, §5) or ``"autograd"``.
 
     Shapes:
@@ -83,31 +131,34 @@ class BatchNorm(nn.Module):
     def __init__(
         self,
         num_features: int,
-        *,
-        convention: ConventionLike = "pytorch",
-        eps: float | None = None,
-        momentum: Any = DEFAULT,
+        eps: float = TORCH_EPS,
+        momentum: float | None = TORCH_MOMENTUM,
         affine: bool = True,
         track_running_stats: bool = True,
-        feature_axis: int | None = None,
         device: Any = None,
         dtype: torch.dtype | None = None,
+        *,
+        bias: bool = True,
+        convention: ConventionLike = "pytorch",
+        feature_axis: int | None = None,
         implementation: str = "function",
     ) -> None:
         super().__init__()
-        if not isinstance(num_features, numbers.Integral) or isinstance(num_features, bool) or num_features < 1:
-            raise ValueError(f"num_features must be an int >= 1; got {num_features!r}")
         if dtype is not None and not dtype.is_floating_point:
             raise TypeError(f"dtype must be a floating dtype; got {dtype}")
-        self.num_features = int(num_features)
-        self.convention = resolve(convention, eps=eps, momentum=momentum, feature_axis=feature_axis)
+        self.num_features = _checks.check_num_features(num_features)
+        self.convention = layer_convention(convention, eps, momentum, feature_axis)
         self.affine = _checks.check_flag("affine", affine)
+        use_bias = _checks.check_flag("bias", bias)
         self.track_running_stats = _checks.check_flag("track_running_stats", track_running_stats)
         self.implementation = check_implementation(implementation)
         factory: dict[str, Any] = {"device": device, "dtype": dtype}
         if self.affine:
             self.weight = nn.Parameter(torch.empty(self.num_features, **factory))
-            self.bias = nn.Parameter(torch.empty(self.num_features, **factory))
+            if use_bias:
+                self.bias = nn.Parameter(torch.empty(self.num_features, **factory))
+            else:
+                self.register_parameter("bias", None)
         else:
             self.register_parameter("weight", None)
             self.register_parameter("bias", None)
@@ -160,11 +211,12 @@ class BatchNorm(nn.Module):
             self.num_batches_tracked.zero_()
 
     def reset_parameters(self) -> None:
-        """Reset the running statistics, weight = 1 and bias = 0."""
+        """Reset the running statistics, weight = 1 and bias = 0 (those that exist)."""
         self.reset_running_stats()
         if self.affine:
             nn.init.ones_(self.weight)
-            nn.init.zeros_(self.bias)
+            if self.bias is not None:
+                nn.init.zeros_(self.bias)
 
     def _load_from_state_dict(
         self,
@@ -195,23 +247,28 @@ class BatchNorm(nn.Module):
             f"{self.num_features}, convention={self.convention.name!r}, eps={self.eps}, "
             f"momentum={self.momentum}, momentum_on={self.convention.momentum_on!r}, "
             f"running_var={self.convention.running_var!r}, feature_axis={self.feature_axis}, "
-            f"affine={self.affine}, track_running_stats={self.track_running_stats}, "
+            f"affine={self.affine}, bias={self.bias is not None}, track_running_stats={self.track_running_stats}, "
             f"implementation={self.implementation!r}"
         )
 
     # -- forward -----------------------------------------------------------------------------------
 
     def _check_input_dim(self, x: torch.Tensor) -> None:
-        """Rank and channel checks (ValueError naming the expected and received values)."""
+        """Rank and channel checks, naming the expected and received values.
+
+        A wrong rank is a ``ValueError`` (as in torch.nn); a feature count other than
+        ``num_features`` is a :class:`bn_ref._checks.ShapeMismatchError` (a ``ValueError`` and the
+        ``RuntimeError`` torch.nn raises for it).
+        """
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"input must be a torch.Tensor; got {type(x).__name__}")
         ranks = self._expected_ranks
         if ranks is not None and x.ndim not in ranks:
             want = " or ".join(f"{r}D" for r in ranks)
             raise ValueError(f"{type(self).__name__} expected {want} input (got {x.ndim}D input of shape {tuple(x.shape)})")
-        ax, c, _ = _checks.check_input(x.shape, self.feature_axis, name="input")
+        c = _checks.layout(x.shape, self.feature_axis, name="input").c
         if c != self.num_features:
-            raise ValueError(
+            raise _checks.ShapeMismatchError(
                 f"{type(self).__name__}({self.num_features}) expected {self.num_features} features on axis "
                 f"{self.feature_axis} of the input; got {c} (input shape {tuple(x.shape)})"
             )

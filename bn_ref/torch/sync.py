@@ -31,7 +31,6 @@ nothing, returns an empty output and updates its buffers exactly like the others
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import torch
@@ -39,18 +38,20 @@ from torch import nn
 from torch.autograd.function import once_differentiable
 
 from .. import _checks
-from ..conventions import DEFAULT, Convention, ConventionLike, get_convention
+from ..conventions import Convention, ConventionLike, get_convention
 from .functional import (
-    _affine,
-    _broadcast_shape,
+    DeviceMismatchError,
     _cast_grad,
     _dtype_name,
-    _ema_,
     _input_grad,
+    _normalized,
+    _standardize,
     batch_statistics,
     compute_dtype,
+    inverse_std,
+    update_running_,
 )
-from .modules import BatchNorm
+from .modules import TORCH_EPS, TORCH_MOMENTUM, BatchNorm
 
 __all__ = ["SyncBatchNorm", "SyncBatchNormFunction", "convert_sync_batchnorm", "merge_statistics"]
 
@@ -144,25 +145,21 @@ class SyncBatchNormFunction(torch.autograd.Function):
         group: Any,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         acc = compute_dtype(x.dtype)
-        c = x.shape[ax]
-        bshape = _broadcast_shape(x.ndim, ax, c)
-        red = _checks.reduction_axes(x.ndim, ax)
-        n_local = math.prod(x.shape[i] for i in red)
-        if n_local > 0:
+        lay = _checks.layout(x.shape, ax)
+        if lay.n > 0:
             mean_l, var_l = batch_statistics(x, ax)  # §2.1, §8.1: two-pass, local
-            local = torch.cat([mean_l.to(torch.float64), var_l.to(torch.float64) * n_local])
+            local = torch.cat([mean_l.to(torch.float64), var_l.to(torch.float64) * lay.n])
         else:
-            local = torch.zeros(2 * c, dtype=torch.float64, device=x.device)  # contributes nothing
+            local = torch.zeros(2 * lay.c, dtype=torch.float64, device=x.device)  # contributes nothing
         gathered = _all_gather(local, group)  # (P, 2C)
         count_t = torch.tensor(counts, dtype=torch.float64, device=x.device)
-        n, mean64, var64 = merge_statistics(count_t, gathered[:, :c], gathered[:, c:])  # §11.1
+        n, mean64, var64 = merge_statistics(count_t, gathered[:, : lay.c], gathered[:, lay.c :])  # §11.1
         mean = mean64.to(acc)
         var = var64.to(acc)
-        inv_std = torch.rsqrt(var + eps)  # §2.2
-        x_hat = (x.to(acc) - mean.reshape(bshape)) * inv_std.reshape(bshape)  # §2.2
-        y = _affine(x_hat, weight, bias, acc, bshape).to(x.dtype)  # §2.3
+        inv_std = inverse_std(var, eps, acc)  # §2.2
+        y = _normalized(x, mean, inv_std, weight, bias, lay.bshape)  # §2.2, §2.3
         ctx.save_for_backward(x, weight, mean, inv_std)
-        ctx.ax, ctx.n, ctx.group = ax, int(sum(counts)), group
+        ctx.layout, ctx.n, ctx.group = lay, int(sum(counts)), group
         ctx.bias_dtype = None if bias is None else bias.dtype
         ctx.mark_non_differentiable(mean, var)
         ctx.set_materialize_grads(False)
@@ -173,21 +170,18 @@ class SyncBatchNormFunction(torch.autograd.Function):
     def backward(ctx: Any, dy: torch.Tensor | None, _dmean: Any, _dvar: Any):  # type: ignore[override]
         x, weight, mean, inv_std = ctx.saved_tensors
         needs_x, needs_w, needs_b = ctx.needs_input_grad[:3]
-        ax, n = ctx.ax, ctx.n
+        lay, n = ctx.layout, ctx.n
         acc = compute_dtype(x.dtype)
-        c = x.shape[ax]
-        bshape = _broadcast_shape(x.ndim, ax, c)
-        red = _checks.reduction_axes(x.ndim, ax)
         # Every rank must reach the all_reduce, even one whose output received no gradient.
         dya = torch.zeros(x.shape, dtype=acc, device=x.device) if dy is None else dy.to(acc)
-        inv_std_b = inv_std.reshape(bshape)
-        x_hat = (x.to(acc) - mean.reshape(bshape)) * inv_std_b
-        dbeta = dya.sum(dim=red)  # §5.1, this rank's share
-        dgamma = (dya * x_hat).sum(dim=red)  # §5.1, this rank's share
+        x_hat = _standardize(x, mean, inv_std, lay.bshape)  # §2.2
+        dbeta = dya.sum(dim=lay.reduce)  # §5.1, this rank's share
+        dgamma = (dya * x_hat).sum(dim=lay.reduce)  # §5.1, this rank's share
         sums = torch.cat([dbeta, dgamma]).to(torch.float64)
         torch.distributed.all_reduce(sums, group=ctx.group)  # §11.6: global sum(dy), sum(dy * x_hat)
-        dbeta_g, dgamma_g = sums[:c].to(acc), sums[c:].to(acc)
+        dbeta_g, dgamma_g = sums[: lay.c].to(acc), sums[lay.c :].to(acc)
         # §5.1 with the global n and the global sums (§11.6)
+        inv_std_b = inv_std.reshape(lay.bshape)
         dx = _input_grad(dya, x_hat, inv_std_b, weight, dbeta_g, dgamma_g, n, x.dtype) if needs_x else None
         d_weight = _cast_grad(dgamma, None if weight is None else weight.dtype, needs_w)
         d_bias = _cast_grad(dbeta, ctx.bias_dtype, needs_b)
@@ -201,7 +195,9 @@ class SyncBatchNorm(BatchNorm):
     """:class:`bn_ref.torch.BatchNorm` with statistics over the global batch of a process group (§11).
 
     Same parameters, buffers, ``state_dict`` and conventions as :class:`bn_ref.torch.BatchNorm`
-    (any input rank >= 2), plus ``process_group`` (None: the default group).
+    (any input rank >= 2), plus ``process_group`` (None: the default group). The constructor
+    takes ``torch.nn.SyncBatchNorm``'s arguments in torch 2.13's order and with its defaults
+    (``process_group`` sixth, ``bias=`` keyword-only), then bn-ref's options keyword-only.
 
     In training, when ``torch.distributed`` is initialized and the group has more than one rank,
     every rank normalizes with the global mean and biased variance of the concatenated batch
@@ -226,28 +222,30 @@ class SyncBatchNorm(BatchNorm):
     def __init__(
         self,
         num_features: int,
-        *,
-        convention: ConventionLike = "pytorch",
-        eps: float | None = None,
-        momentum: Any = DEFAULT,
+        eps: float = TORCH_EPS,
+        momentum: float | None = TORCH_MOMENTUM,
         affine: bool = True,
         track_running_stats: bool = True,
-        feature_axis: int | None = None,
         process_group: Any = None,
         device: Any = None,
         dtype: torch.dtype | None = None,
+        *,
+        bias: bool = True,
+        convention: ConventionLike = "pytorch",
+        feature_axis: int | None = None,
         implementation: str = "function",
     ) -> None:
         super().__init__(
             num_features,
+            eps,
+            momentum,
+            affine,
+            track_running_stats,
+            device,
+            dtype,
+            bias=bias,
             convention=convention,
-            eps=eps,
-            momentum=momentum,
-            affine=affine,
-            track_running_stats=track_running_stats,
             feature_axis=feature_axis,
-            device=device,
-            dtype=dtype,
             implementation=implementation,
         )
         self.process_group = process_group
@@ -274,10 +272,11 @@ class SyncBatchNorm(BatchNorm):
         try:
             self._check_input_dim(x)
             _checks.check_float_dtype("input", _dtype_name(x.dtype))
-            ax, _, n_local = _checks.check_input(x.shape, self.feature_axis, name="input")
+            lay = _checks.layout(x.shape, self.feature_axis, name="input")
+            ax, n_local = lay.axis, lay.n
             for name, t in (("weight", self.weight), ("bias", self.bias)) + tuple(self.named_buffers(recurse=False)):
                 if t is not None and t.device != x.device:
-                    raise ValueError(f"{name} must be on the device of the input ({x.device}); got {t.device}")
+                    raise DeviceMismatchError(f"{name} must be on the device of the input ({x.device}); got {t.device}")
         except (ValueError, TypeError) as exc:
             local_error = exc
         device = x.device if isinstance(x, torch.Tensor) else torch.device("cpu")
@@ -314,12 +313,8 @@ class SyncBatchNorm(BatchNorm):
         tracked = self.running_mean is not None and self.running_var is not None
         if self.track_running_stats and tracked:
             nbt = self.num_batches_tracked
-            with torch.no_grad():
-                conv = self.convention
-                count: Any = nbt.to(torch.float64) if (conv.momentum is None and nbt is not None) else 0
-                w_running, w_batch = conv.update_weights(count)  # §3.1-§3.3
-                _ema_(self.running_mean, mean.detach(), w_running, w_batch)
-                _ema_(self.running_var, var.detach() * conv.variance_correction(n), w_running, w_batch)  # §3.4
+            count: Any = 0 if nbt is None else nbt
+            update_running_(self.running_mean, self.running_var, mean, var, n, convention=self.convention, count=count)
             if nbt is not None:
                 nbt.add_(1)
         return y
@@ -350,6 +345,7 @@ def _to_sync(module: nn.Module, process_group: Any) -> SyncBatchNorm:
             module.num_features,
             convention=conv,
             affine=module.affine,
+            bias=module.bias is not None,
             track_running_stats=module.track_running_stats,
             process_group=process_group,
             implementation=module.implementation,
@@ -364,6 +360,7 @@ def _to_sync(module: nn.Module, process_group: Any) -> SyncBatchNorm:
             eps=module.eps,
             momentum=module.momentum,
             affine=module.affine,
+            bias=module.bias is not None,
             track_running_stats=module.track_running_stats,
             feature_axis=1,
             process_group=process_group,
@@ -372,7 +369,7 @@ def _to_sync(module: nn.Module, process_group: Any) -> SyncBatchNorm:
     # Share (not copy) the parameters and buffers, so optimizers keep pointing at them.
     if module.affine:
         new.weight = module.weight
-        new.bias = module.bias
+        new.bias = module.bias  # None under bias=False
     for name in ("running_mean", "running_var", "num_batches_tracked"):
         setattr(new, name, getattr(module, name, None))
     new.train(module.training)
