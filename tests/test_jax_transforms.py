@@ -188,3 +188,18 @@ def test_bad_input_raises_at_trace_time(changes, exc, match):
     fn = jax.jit(lambda a: batch_norm(a["x"], a["gamma"], a["beta"], a["running_mean"], a["running_var"], **args))
     with pytest.raises(exc, match=match):
         jax.eval_shape(fn, arrays)  # tracing alone raises: nothing is computed
+
+
+def test_importing_the_jax_adapters_leaves_x64_off():
+    """The conformance adapters enable float64 only inside their runs, never at import (issue 10)."""
+    import importlib
+
+    from bn_ref.conformance.adapters import _jax_util
+
+    assert not jax.config.read("jax_enable_x64")
+    for name in ("bnref_jax", "frameworks_flax", "keras_adapter", "distributed_jax"):
+        importlib.import_module(f"bn_ref.conformance.adapters.{name}")
+    assert not jax.config.read("jax_enable_x64")
+    with _jax_util.x64():
+        assert jnp.ones(1).dtype == jnp.float64
+    assert not jax.config.read("jax_enable_x64") and jnp.ones(1).dtype == jnp.float32
