@@ -294,6 +294,10 @@ def test_linen_loads_flax_variables_in_train_and_eval(x64):
     assert int(upd["batch_stats"]["count"]) == 1
     ref = _oracle_stats(xs[3])
     np.testing.assert_allclose(np.asarray(upd["batch_stats"]["mean"]), ref[0], **F64)  # k = 1: the batch's
+    # a count the variables already hold (e.g. ported from PyTorch) keeps counting under any momentum
+    given = {"params": v["params"], "batch_stats": {**v["batch_stats"], "count": jnp.asarray(5, jnp.int32)}}
+    _, upd = ours.apply(given, xs[3], use_running_average=False, mutable=["batch_stats"])
+    assert int(upd["batch_stats"]["count"]) == 6
 
 
 def test_nnx_loads_flax_state_in_train_and_eval(x64):

@@ -66,7 +66,9 @@ class BatchNorm(nn.Module):
         ``batch_stats/var`` (C,) ones -- exactly Flax's, so variables written by
         ``flax.linen.BatchNorm`` load unchanged. Only with ``momentum=None`` (the cumulative
         average, §3.3) is there one more, ``batch_stats/count`` (int32 scalar, training steps
-        taken); variables without it start counting from 0.
+        taken); variables without it start counting from 0. A ``count`` that the variables
+        already hold (e.g. ported from PyTorch's ``num_batches_tracked``) is kept up to date
+        under any momentum.
 
     When the running statistics update (§3.6): in training, only when the ``batch_stats``
     collection is mutable (``apply(..., mutable=["batch_stats"])``) and the module is not being
@@ -117,11 +119,12 @@ class BatchNorm(nn.Module):
         bias = self.param("bias", self.bias_init, shape, self.param_dtype) if self.use_bias else None
         ra_mean = self.variable("batch_stats", "mean", lambda: jnp.zeros(shape, self.param_dtype))
         ra_var = self.variable("batch_stats", "var", lambda: jnp.ones(shape, self.param_dtype))
-        # The step counter exists only where the rule needs it (momentum=None, §3.3), so Flax's
-        # own variables (mean/var only) load, and an immutable collection without it still runs.
+        # The step counter is created only where the rule needs it (momentum=None, §3.3), so
+        # Flax's own variables (mean/var only) load, and an immutable collection without it still
+        # runs. One that is given (e.g. ported from PyTorch's num_batches_tracked) keeps counting.
         ra_count = None
-        if conv.momentum is None and (
-            self.has_variable("batch_stats", "count") or self.is_mutable_collection("batch_stats")
+        if self.has_variable("batch_stats", "count") or (
+            conv.momentum is None and self.is_mutable_collection("batch_stats")
         ):
             ra_count = self.variable("batch_stats", "count", lambda: jnp.zeros((), jnp.int32))
 
