@@ -302,10 +302,16 @@ class BNState(NamedTuple):
         var: (C,) running variance (biased or unbiased per the convention, §3.4).
         count: int32 scalar, training steps taken (what ``momentum=None`` needs, §3.3).
 
-    :func:`batch_norm` takes the three fields and returns them updated, so a training step is::
+    :func:`batch_norm` takes the three fields and returns them updated, so a training step is:
 
-        y, *new = batch_norm(x, g, b, s.mean, s.var, count=s.count, training=True)
-        s = BNState(*new)
+    >>> import jax.numpy as jnp
+    >>> from bn_ref.jax import BNState, batch_norm, init
+    >>> s = init(3)
+    >>> x = jnp.arange(12.0).reshape(4, 3)
+    >>> y, *new = batch_norm(x, None, None, s.mean, s.var, count=s.count, training=True)
+    >>> s = BNState(*new)
+    >>> int(s.count), s.mean.shape
+    (1, (3,))
     """
 
     mean: Array
