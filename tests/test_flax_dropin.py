@@ -83,6 +83,14 @@ def test_nnx_signature_has_flax_parameters_in_flax_order_then_bn_refs():
         assert ours[k].default == theirs[k].default, k
 
 
+def test_nnx_exposes_flax_attributes():
+    ours, theirs = NNXBatchNorm(3, momentum=0.8, epsilon=1e-3), nnx.BatchNorm(3, momentum=0.8, epsilon=1e-3,
+                                                                             rngs=nnx.Rngs(0))
+    for k in ("num_features", "axis", "momentum", "epsilon", "use_running_average", "dtype", "param_dtype",
+              "use_bias", "use_scale", "axis_name", "axis_index_groups"):
+        assert getattr(ours, k) == getattr(theirs, k), k
+
+
 def test_positional_construction_like_flax():
     x = jnp.asarray(_x((6, 3)), jnp.float32)
     ours = BatchNorm(False, -1, 0.9, 1e-3)

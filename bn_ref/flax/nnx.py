@@ -157,6 +157,21 @@ class BatchNorm(nnx.Module):
                 self.count[...] = jnp.asarray(new_count, jnp.float32)
         return y
 
+    @property
+    def axis(self) -> int:
+        """The feature axis (Flax's attribute), from the layer's convention."""
+        return self.convention.feature_axis
+
+    @property
+    def momentum(self) -> float | None:
+        """The momentum in the convention's own meaning (Flax's: on the running term)."""
+        return self.convention.momentum
+
+    @property
+    def epsilon(self) -> float:
+        """eps (Flax's attribute name), from the layer's convention."""
+        return self.convention.eps
+
     def set_view(self, use_running_average: bool | None = None) -> None:
         """Hook for ``nnx.view(model, use_running_average=...)`` (Flax >= 0.12)."""
         if use_running_average is not None:
