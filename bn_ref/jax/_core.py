@@ -1,6 +1,7 @@
 """The pure functional core of bn-ref's JAX backend (``docs/spec.md`` §2-§8, §11).
 
-Everything here is a pure function of its arguments: no state, no PRNG, no Python side effects,
+Everything here is a pure function of its arguments: no state, no PRNG, no Python side effects
+(apart from the warning ``use_fast_variance=True`` gives at trace time),
 so it composes with ``jax.jit``, ``jax.vmap``, ``jax.grad`` and the collectives of
 ``jax.shard_map``/``jax.pmap``. The Flax layers (:mod:`bn_ref.flax`) are thin shells around
 :func:`batch_norm`, so the linen and NNX layers compute bit-for-bit the same thing.
