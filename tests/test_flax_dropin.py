@@ -263,12 +263,17 @@ def test_mask_nnx_and_gradients(x64):
     np.testing.assert_allclose(np.asarray(ours.var[...]), np.asarray(theirs.var[...]), **F64)
 
 
-def test_mask_shapes_refused_or_ambiguous():
-    x = jnp.ones((4, 4))
+def test_mask_rank1_of_length_n_is_per_sample_and_bad_shapes_are_refused():
+    x = jnp.asarray(_x((4, 4), seed=8), jnp.float32)
     layer = BatchNorm(use_running_average=False)
     v = layer.init(jax.random.key(0), x)
-    with pytest.raises(ValueError, match="ambiguous"):
-        layer.apply(v, x, mask=jnp.ones(4, bool))  # (N,) or (C,)?
+    rows = jnp.asarray([True, False, True, True])
+    # N == C: a rank-1 mask of length N is per sample (bn-ref's form), not per feature
+    np.testing.assert_array_equal(np.asarray(layer.apply(v, x, mask=rows)),
+                                  np.asarray(layer.apply(v, x, mask=rows[:, None])))
+    per_feature = layer.apply(v, x, mask=rows[None, :])
+    np.testing.assert_array_equal(np.asarray(per_feature)[:, 1], 0.0)
+    assert np.all(np.asarray(per_feature)[:, 0] != 0.0)
     with pytest.raises(ValueError, match="broadcasts to"):
         layer.apply(v, x, mask=jnp.ones((2, 4), bool))
     with pytest.raises(TypeError, match="bool"):

@@ -263,8 +263,9 @@ def _check_mask(mask: Any, x_shape: Sequence[int]) -> Array | None:
     Two spellings are accepted: bn-ref's (N,) flag per sample, and any shape that broadcasts to
     ``x.shape`` under NumPy's rules (trailing axes aligned), which is what Flax's
     ``BatchNorm(..., mask=)`` takes -- e.g. (N, 1, 1, 1), (N, H, W, 1), (1, ..., C) per feature, or
-    ``x.shape`` itself. A rank-1 mask of length N = ``x.shape[-1]`` (> 1) could be read either way
-    and is refused.
+    ``x.shape`` itself. A rank-1 mask of length N is always bn-ref's per-sample form, also when N
+    equals ``x.shape[-1]`` (where NumPy's rule would read it per feature): give a per-feature
+    mask as (1, ..., C).
     """
     if mask is None:
         return None
@@ -275,14 +276,7 @@ def _check_mask(mask: Any, x_shape: Sequence[int]) -> Array | None:
         raise TypeError(f"mask must be a bool array (True = a value that enters the statistics); got dtype {m.dtype}")
     ms = tuple(int(s) for s in m.shape)
     if len(ms) == 1 and ndim > 1 and ms[0] == x_shape[0]:
-        if ms[0] == x_shape[-1] and ms[0] != 1:
-            raise ValueError(
-                f"mask must have shape (N,) = ({x_shape[0]},) (one flag per sample) or a shape that broadcasts to "
-                f"x.shape {x_shape}; a rank-1 mask of length {ms[0]} is both, so it is ambiguous here: give it as "
-                f"{(x_shape[0],) + (1,) * (ndim - 1)} (per sample) or {(1,) * (ndim - 1) + (x_shape[-1],)} "
-                "(per position on the last axis)"
-            )
-        return m.reshape(ms + (1,) * (ndim - 1))  # bn-ref's per-sample form
+        return m.reshape(ms + (1,) * (ndim - 1))  # bn-ref's per-sample form (takes precedence)
     full = (1,) * (ndim - len(ms)) + ms
     if len(ms) > ndim or any(a not in (1, b) for a, b in zip(full, x_shape)):
         raise ValueError(
