@@ -2,6 +2,10 @@
 
 * JAX gets 4 host CPU devices (for the cross-device tests); this must happen before JAX starts.
 * Hypothesis is derandomized: every run draws the same examples, so CI is reproducible.
+* ``x64``: JAX's float64 mode for one test or, with ``pytestmark = pytest.mark.usefixtures("x64")``,
+  one module; the previous setting comes back afterwards. Nothing in bn-ref turns it on at import
+  (the conformance adapters enable it only inside their runs), so a module without the fixture
+  runs in JAX's default 32-bit mode.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ if _flag not in os.environ.get("XLA_FLAGS", ""):
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + _flag).strip()
 os.environ.setdefault("KERAS_BACKEND", "jax")
 
+import pytest  # noqa: E402
 from hypothesis import HealthCheck, settings  # noqa: E402
 
 settings.register_profile(
@@ -24,6 +29,15 @@ settings.register_profile(
     print_blob=True,
 )
 settings.load_profile(os.environ.get("BN_REF_HYPOTHESIS_PROFILE", "bn_ref"))
+
+
+@pytest.fixture
+def x64():
+    """``jax_enable_x64`` on for the test, restored afterwards."""
+    import jax
+
+    with jax.enable_x64(True):
+        yield
 
 
 # -- conformance harness helpers (tests/test_conformance*.py) -------------------------------------

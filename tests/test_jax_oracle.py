@@ -22,14 +22,7 @@ from bn_ref.conventions import resolve
 from bn_ref.jax import batch_norm
 from bn_ref.tolerances import assert_close
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _x64():
-    """float64 needs jax_enable_x64; restore the previous setting for the other modules."""
-    previous = jax.config.read("jax_enable_x64")
-    jax.config.update("jax_enable_x64", True)
-    yield
-    jax.config.update("jax_enable_x64", previous)
+pytestmark = pytest.mark.usefixtures("x64")  # float64 (tests/conftest.py)
 
 
 STEPS = 5

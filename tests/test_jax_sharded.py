@@ -28,14 +28,14 @@ except ImportError:  # pragma: no cover
 NDEV = 4
 
 
+pytestmark = pytest.mark.usefixtures("x64")  # float64 for tight comparisons (tests/conftest.py)
+
+
 @pytest.fixture(autouse=True, scope="module")
-def _x64_on_cpu():
-    """float64 for tight comparisons; every array on the host CPU devices (also on a GPU machine)."""
-    previous = jax.config.read("jax_enable_x64")
-    jax.config.update("jax_enable_x64", True)
+def _on_cpu():
+    """Every array on the host CPU devices (also on a GPU machine)."""
     with jax.default_device(jax.devices("cpu")[0]):
         yield
-    jax.config.update("jax_enable_x64", previous)
 
 
 def _mesh() -> Mesh:
@@ -193,4 +193,32 @@ def test_linen_layer_with_axis_name_under_shard_map():
     assert_close(np.asarray(y), ref.y, "float64", what="y")
     assert_close(np.asarray(stats["mean"]), ref.running_mean, "float64", what="mean")
     assert_close(np.asarray(stats["var"]), ref.running_var, "float64", what="var")
-    assert int(stats["count"]) == 1
+    assert set(stats) == {"mean", "var"}  # momentum 0.9: no step counter (Flax's variables)
+
+
+def test_sharded_broadcast_mask_per_channel_counts():
+    """Elementwise masks under shard_map: each channel's statistics are those of its own unmasked
+    values over all devices, with its own global count in the unbiased running variance (pytorch
+    preset, NCL); an (N, 1, L) mask (Flax's broadcastable form) broadcasts over the channels."""
+    conv = PRESETS["pytorch"]
+    rng = np.random.default_rng(21)
+    x = rng.standard_normal((NDEV * 3, 2, 5)) * 2.0 + 1.0
+    for m in (rng.uniform(size=(NDEV * 3, 2, 5)) < 0.5, rng.uniform(size=(NDEV * 3, 1, 5)) < 0.5):
+        m[0, :, 0] = m[5, :, 1] = True
+        _check_masked(conv, x.copy(), m)
+
+
+def _check_masked(conv, x, m):
+    mb = np.broadcast_to(m, x.shape)
+    x[~mb] = np.nan  # masked values must not leak
+    fn = _sharded_bn(conv, masked=True)
+    rm, rv = np.full(2, 0.5), np.full(2, 2.0)
+    y, nrm, nrv = fn(x, np.ones(2), np.zeros(2), rm, rv, jnp.asarray(m))
+    y = np.asarray(y)
+    for c in range(2):
+        vals = x[:, c, :][mb[:, c, :]].reshape(-1, 1)
+        ref = oracle.forward(vals, None, None, rm[c : c + 1], rv[c : c + 1], training=True, convention=conv)
+        assert_close(y[:, c, :][mb[:, c, :]], ref.y[:, 0], "float64", what=f"y channel {c}")
+        assert_close(np.asarray(nrv)[c : c + 1], ref.running_var, "float64", what=f"running_var {c}")
+        assert_close(np.asarray(nrm)[c : c + 1], ref.running_mean, "float64", what=f"running_mean {c}")
+    np.testing.assert_array_equal(y[~mb], 0.0)

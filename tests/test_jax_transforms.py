@@ -14,14 +14,7 @@ from bn_ref import PRESETS, oracle
 from bn_ref.jax import batch_norm, batch_stats, normalize, update_running
 from bn_ref.tolerances import assert_close
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _x32():
-    """These tests expect JAX's default 32-bit mode, whatever another module left behind."""
-    previous = jax.config.read("jax_enable_x64")
-    jax.config.update("jax_enable_x64", False)
-    yield
-    jax.config.update("jax_enable_x64", previous)
+# JAX's default 32-bit mode: nothing in bn-ref turns x64 on process-wide (tests/conftest.py).
 
 
 def _data(shape, axis, seed=0):
@@ -170,7 +163,7 @@ BAD = [
     ("count-negative", dict(count=-1), ValueError, "count"),
     ("count-float-array", dict(count=jnp.float32(1.0)), TypeError, "count"),
     ("axis-0", dict(axis=0), ValueError, "batch axis"),
-    ("mask-shape", dict(mask=jnp.ones(3, bool)), ValueError, "mask must have shape"),
+    ("mask-shape", dict(mask=jnp.ones(5, bool)), ValueError, "mask must have shape"),
     ("mask-dtype", dict(mask=jnp.ones(4, jnp.int32)), TypeError, "mask must be a bool"),
     ("groups-no-name", dict(axis_index_groups=[[0, 1]]), ValueError, "axis_name"),
     ("unknown-convention", dict(convention="caffe"), ValueError, "unknown convention"),
@@ -195,3 +188,18 @@ def test_bad_input_raises_at_trace_time(changes, exc, match):
     fn = jax.jit(lambda a: batch_norm(a["x"], a["gamma"], a["beta"], a["running_mean"], a["running_var"], **args))
     with pytest.raises(exc, match=match):
         jax.eval_shape(fn, arrays)  # tracing alone raises: nothing is computed
+
+
+def test_importing_the_jax_adapters_leaves_x64_off():
+    """The conformance adapters enable float64 only inside their runs, never at import (issue 10)."""
+    import importlib
+
+    from bn_ref.conformance.adapters import _jax_util
+
+    assert not jax.config.read("jax_enable_x64")
+    for name in ("bnref_jax", "frameworks_flax", "keras_adapter", "distributed_jax"):
+        importlib.import_module(f"bn_ref.conformance.adapters.{name}")
+    assert not jax.config.read("jax_enable_x64")
+    with _jax_util.x64():
+        assert jnp.ones(1).dtype == jnp.float64
+    assert not jax.config.read("jax_enable_x64") and jnp.ones(1).dtype == jnp.float32

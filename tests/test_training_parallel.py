@@ -142,7 +142,7 @@ def test_flax_devices4_equals_single_device(tmp_path):
     variables = LeNet(bn="ref", convention="flax").init(jax.random.PRNGKey(3), jnp.zeros((2, 28, 28, 1)), train=False)
     leaves = jax.tree_util.tree_flatten_with_path({"p": variables["params"]})[0]
     init = {jax.tree_util.keystr(k): np.asarray(v) for k, v in leaves}
-    _assert_same_training(_state(tmp_path / "single", "flax"), _state(tmp_path / "sharded", "flax"), init, n_stats=12)
+    _assert_same_training(_state(tmp_path / "single", "flax"), _state(tmp_path / "sharded", "flax"), init, n_stats=8)  # 4 BN x (mean, var)
     _same_metrics(m1, m2)
 
 

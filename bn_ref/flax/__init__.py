@@ -1,8 +1,10 @@
 """bn-ref's Flax layers: Batch Normalization under any convention, for linen and NNX.
 
-* :class:`BatchNorm` -- ``flax.linen`` module (``params/{scale, bias}``,
-  ``batch_stats/{mean, var, count}``);
-* :class:`bn_ref.flax.nnx.BatchNorm` -- the same layer for ``flax.nnx``;
+* :class:`BatchNorm` -- ``flax.linen`` module with ``flax.linen.BatchNorm``'s attributes and
+  variables (``params/{scale, bias}``, ``batch_stats/{mean, var}``; a ``count`` only for
+  ``momentum=None``);
+* :class:`bn_ref.flax.nnx.BatchNorm` -- the same layer for ``flax.nnx``, with
+  ``flax.nnx.BatchNorm``'s arguments and state;
 * :class:`LeNet` -- the d2l LeNet-BN (NHWC) with bn-ref's, Flax's own, or no BN, and a jitted
   optax SGD step (:func:`create_train_state`, :func:`train_step`).
 

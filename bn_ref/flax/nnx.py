@@ -2,45 +2,64 @@
 
 from __future__ import annotations
 
-from typing import Any
+from types import MappingProxyType
+from typing import Any, Callable, Mapping
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
 from .. import _checks
-from ..conventions import DEFAULT, ConventionLike, resolve
-from ..jax._core import batch_norm_impl
+from ..conventions import DEFAULT, ConventionLike
+from ..jax import batch_norm
+from .linen import layer_convention
 
 __all__ = ["BatchNorm"]
+
+_ZEROS = nnx.initializers.zeros_init()
+_ONES = nnx.initializers.ones_init()
 
 
 class BatchNorm(nnx.Module):
     """Batch Normalization under any bn-ref convention (``docs/spec.md`` §2-§4, §11), for NNX.
 
-    The same layer as :class:`bn_ref.flax.BatchNorm` (linen), computing bit for bit the same
-    thing through :func:`bn_ref.jax.batch_norm`.
+    A drop-in for ``flax.nnx.BatchNorm`` (same keyword arguments, same state) computing bit for
+    bit what :class:`bn_ref.flax.BatchNorm` (linen) computes, through :func:`bn_ref.jax.batch_norm`.
 
-    Args:
+    Args (Flax's, with Flax's meaning):
         num_features: C, the size of the feature axis.
-        convention: a preset name or a :class:`bn_ref.Convention`.
-        axis: the feature axis; None means ``convention.feature_axis``.
-        eps: overrides ``convention.eps`` when not None.
-        momentum: overrides ``convention.momentum`` unless ``bn_ref.DEFAULT``; None selects the
-            cumulative average (§3.3).
-        use_scale, use_bias: learn ``scale`` (gamma) / ``bias`` (beta), ``nnx.Param`` of shape (C,).
         use_running_average: the default mode: False trains (batch statistics, running update),
-            True evaluates with the running statistics. ``.train()``/``.eval()`` set it; a value
-            passed to ``__call__`` takes precedence.
-        dtype: output dtype; None means the input dtype.
+            True evaluates with the running statistics. ``.train()``/``.eval()`` and
+            ``nnx.view`` set it; a value passed to ``__call__`` takes precedence.
+        axis: the feature axis; None means ``convention.feature_axis`` (-1 under ``"flax"``).
+        momentum: overrides ``convention.momentum`` unless ``bn_ref.DEFAULT`` (0.99 on the
+            running term under ``"flax"``); None selects the cumulative average (§3.3).
+        epsilon: overrides ``convention.eps`` when not None (1e-5 under ``"flax"``).
+        dtype: output dtype; None means the input dtype (§8.3), unless ``promote_dtype`` is given.
         param_dtype: dtype of ``scale``, ``bias`` and the running ``mean``/``var``.
+        use_bias, use_scale: learn ``bias`` (beta) / ``scale`` (gamma), ``nnx.Param`` (C,).
+        bias_init, scale_init: initializers ``(key, shape, dtype) -> array`` (zeros / ones).
         axis_name, axis_index_groups: cross-device statistics (§11), count-weighted and exact.
-        rngs: accepted for signature compatibility with NNX layers; the initialisation is
-            deterministic (ones/zeros) and does not use it.
+        use_fast_variance: False (bn-ref's default; Flax's is True) is the two-pass variance of
+            the spec; True reproduces Flax's one-pass formula with a ``UserWarning`` (§8.2).
+        promote_dtype: None (bn-ref's default) keeps bn-ref's dtype policy (§8.3). A function
+            such as ``flax.nnx.nn.dtypes.promote_dtype`` is applied as Flax applies it, to
+            ``(x, mean, var, scale, bias)`` with ``dtype=dtype``, before the computation.
+        rngs: ``nnx.Rngs``; ``scale_init`` then ``bias_init`` each draw one ``rngs.params()``
+            key, as in Flax. Optional here: without it the default (constant) initializers get
+            a fixed key, and other initializers raise ``TypeError``.
+        bias_metadata, scale_metadata: metadata for the ``nnx.Param`` of ``bias`` / ``scale``.
 
-    State: ``scale``/``bias`` (``nnx.Param``, (C,)), ``mean``/``var`` (``nnx.BatchStat``, (C,),
-    zeros/ones) and ``count`` (``nnx.BatchStat``, int32 scalar, training steps taken). Every
-    training call updates ``mean``, ``var`` and ``count`` (§3.6).
+    bn-ref's own (keyword) arguments, after Flax's: ``convention`` (a preset name or a
+    :class:`bn_ref.Convention`) and ``eps`` (bn-ref's spelling of ``epsilon``; give one).
+
+    State: ``scale``/``bias`` (``nnx.Param``, (C,)) and ``mean``/``var`` (``nnx.BatchStat``,
+    (C,), zeros/ones) -- Flax's, so ``nnx.state`` of a ``flax.nnx.BatchNorm`` loads unchanged
+    (``nnx.update``) and every NNX transform sees the same tree. Only with ``momentum=None``
+    (§3.3) is there one more ``nnx.BatchStat``, ``count``: training steps taken, stored as a
+    float32 scalar (exact up to 2**24 steps) so that tree-mode ``nnx.grad`` (which
+    differentiates every array in the module) accepts it. Every training call updates the
+    statistics (§3.6).
 
     Shapes: ``x`` is (N, C, ...) or (N, ..., C), rank >= 2; the output has the shape of ``x``.
     """
@@ -49,70 +68,109 @@ class BatchNorm(nnx.Module):
         self,
         num_features: int,
         *,
-        convention: ConventionLike = "flax",
-        axis: int | None = None,
-        eps: float | None = None,
-        momentum: Any = DEFAULT,
-        use_scale: bool = True,
-        use_bias: bool = True,
         use_running_average: bool | None = False,
+        axis: int | None = None,
+        momentum: Any = DEFAULT,
+        epsilon: float | None = None,
         dtype: Any = None,
         param_dtype: Any = jnp.float32,
+        use_bias: bool = True,
+        use_scale: bool = True,
+        bias_init: Callable[..., Any] = _ZEROS,
+        scale_init: Callable[..., Any] = _ONES,
         axis_name: Any = None,
         axis_index_groups: Any = None,
+        use_fast_variance: bool = False,
+        promote_dtype: Callable[..., Any] | None = None,
         rngs: nnx.Rngs | None = None,
+        bias_metadata: Mapping[str, Any] = MappingProxyType({}),
+        scale_metadata: Mapping[str, Any] = MappingProxyType({}),
+        convention: ConventionLike = "flax",
+        eps: float | None = None,
     ) -> None:
-        if not isinstance(num_features, int) or isinstance(num_features, bool) or num_features < 1:
-            raise ValueError(f"num_features must be an int >= 1; got {num_features!r}")
-        self.convention = resolve(convention, eps=eps, momentum=momentum, feature_axis=axis)
+        num_features = _checks.check_num_features(num_features)
+        self.convention = layer_convention(convention, axis=axis, momentum=momentum, epsilon=epsilon, eps=eps)
+        self.use_fast_variance = _checks.check_flag("use_fast_variance", use_fast_variance)
         shape = (num_features,)
+
+        def key(init: Any, name: str) -> Any:
+            if rngs is not None:
+                return rngs.params()
+            if init is _ZEROS or init is _ONES:
+                return jax.random.key(0)  # unused by a constant initializer
+            raise TypeError(f"{name} is not one of the default constant initializers: pass rngs=nnx.Rngs(...)")
+
         self.num_features = num_features
-        self.scale = nnx.Param(jnp.ones(shape, param_dtype)) if use_scale else None
-        self.bias = nnx.Param(jnp.zeros(shape, param_dtype)) if use_bias else None
+        self.scale = nnx.Param(scale_init(key(scale_init, "scale_init"), shape, param_dtype), **scale_metadata) if use_scale else None
+        self.bias = nnx.Param(bias_init(key(bias_init, "bias_init"), shape, param_dtype), **bias_metadata) if use_bias else None
         self.mean = nnx.BatchStat(jnp.zeros(shape, param_dtype))
         self.var = nnx.BatchStat(jnp.ones(shape, param_dtype))
-        self.count = nnx.BatchStat(jnp.zeros((), jnp.int32))
+        if self.convention.momentum is None:
+            self.count = nnx.BatchStat(jnp.zeros((), jnp.float32))
         self.use_running_average = use_running_average
         self.dtype = dtype
         self.param_dtype = param_dtype
+        self.use_bias = use_bias
+        self.use_scale = use_scale
         self.axis_name = axis_name
         self.axis_index_groups = axis_index_groups
+        self.promote_dtype = promote_dtype
 
     def __call__(self, x: Any, use_running_average: bool | None = None, *, mask: jax.Array | None = None) -> jax.Array:
-        """Normalize ``x`` (and, in training, update ``mean``/``var``/``count``).
+        """Normalize ``x`` (and, in training, update ``mean``/``var``, and ``count`` if any).
 
-        ``mask``: optional (N,) bool array, True for real samples (see :func:`bn_ref.jax.batch_norm`).
+        ``mask``: (N,) or broadcastable to ``x``, True for counted values (see
+        :func:`bn_ref.jax.batch_norm`).
         """
         use_ra = use_running_average if use_running_average is not None else self.use_running_average
         if use_ra is None:
             raise ValueError(
                 "use_running_average was given neither to bn_ref.flax.nnx.BatchNorm(...) nor to the call; "
-                "pass True/False to one of them, or use .train()/.eval()"
+                "pass True/False to one of them, or use .train()/.eval() or nnx.view"
             )
         use_ra = _checks.check_flag("use_running_average", use_ra)
-        conv = self.convention
-        x = jnp.asarray(x)
-        _checks.check_float_dtype("x", jnp.dtype(x.dtype).name)
-        _checks.check_input(x.shape, conv.feature_axis)
-        y, new_mean, new_var, new_count = batch_norm_impl(
+        scale = None if self.scale is None else self.scale[...]
+        bias = None if self.bias is None else self.bias[...]
+        mean, var = self.mean[...], self.var[...]
+        if self.promote_dtype is not None:
+            x, mean, var, scale, bias = self.promote_dtype((x, mean, var, scale, bias), dtype=self.dtype)
+        has_count = "count" in vars(self)
+        y, new_mean, new_var, new_count = batch_norm(
             x,
-            None if self.scale is None else self.scale[...],
-            None if self.bias is None else self.bias[...],
-            self.mean[...],
-            self.var[...],
+            scale,
+            bias,
+            mean,
+            var,
             training=not use_ra,
-            convention=conv,
-            count=self.count[...],
+            convention=self.convention,
+            count=self.count[...].astype(jnp.int32) if has_count else 0,
             axis_name=self.axis_name,
             axis_index_groups=self.axis_index_groups,
             mask=mask,
             dtype=self.dtype,
+            use_fast_variance=self.use_fast_variance,
         )
         if not use_ra:
-            self.mean[...] = new_mean
-            self.var[...] = new_var
-            self.count[...] = jnp.asarray(new_count, jnp.int32)
+            self.mean[...] = new_mean.astype(self.mean[...].dtype)
+            self.var[...] = new_var.astype(self.var[...].dtype)
+            if has_count:
+                self.count[...] = jnp.asarray(new_count, jnp.float32)
         return y
+
+    @property
+    def axis(self) -> int:
+        """The feature axis (Flax's attribute), from the layer's convention."""
+        return self.convention.feature_axis
+
+    @property
+    def momentum(self) -> float | None:
+        """The momentum in the convention's own meaning (Flax's: on the running term)."""
+        return self.convention.momentum
+
+    @property
+    def epsilon(self) -> float:
+        """eps (Flax's attribute name), from the layer's convention."""
+        return self.convention.eps
 
     def set_view(self, use_running_average: bool | None = None) -> None:
         """Hook for ``nnx.view(model, use_running_average=...)`` (Flax >= 0.12)."""

@@ -7,7 +7,8 @@ numerical policy a named argument:
 
 * :func:`batch_stats` -- two-pass batch mean and biased variance, optionally over devices (§2.1, §11);
 * :func:`normalize` -- the normalization and affine transform (§2.2, §2.3, §4);
-* :func:`update_running` -- one step of the running statistics under a convention (§3).
+* :func:`update_running` -- one step of the running statistics under a convention (§3);
+* :class:`BNState` and :func:`init` -- the running state (mean, var, count) as one record.
 
 Example::
 
@@ -22,6 +23,6 @@ Example::
 
 from __future__ import annotations
 
-from ._core import batch_norm, batch_norm_impl, batch_stats, normalize, stats_dtype, update_running
+from ._core import BNState, batch_norm, batch_stats, init, normalize, stats_dtype, update_running
 
-__all__ = ["batch_norm", "batch_norm_impl", "batch_stats", "normalize", "update_running", "stats_dtype"]
+__all__ = ["batch_norm", "BNState", "init", "batch_stats", "normalize", "update_running", "stats_dtype"]

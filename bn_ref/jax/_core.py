@@ -1,13 +1,14 @@
 """The pure functional core of bn-ref's JAX backend (``docs/spec.md`` §2-§8, §11).
 
-Everything here is a pure function of its arguments: no state, no PRNG, no Python side effects,
+Everything here is a pure function of its arguments: no state, no PRNG, no Python side effects
+(apart from the warning ``use_fast_variance=True`` gives at trace time),
 so it composes with ``jax.jit``, ``jax.vmap``, ``jax.grad`` and the collectives of
 ``jax.shard_map``/``jax.pmap``. The Flax layers (:mod:`bn_ref.flax`) are thin shells around
-:func:`batch_norm_impl`, so the linen and NNX layers compute bit-for-bit the same thing.
+:func:`batch_norm`, so the linen and NNX layers compute bit-for-bit the same thing.
 
 Shapes: ``x`` is (N, C, ...) or (N, ..., C), rank >= 2, with the feature axis from the convention
 or ``axis``; every per-channel array is (C,). ``n`` is the number of values reduced per channel
-(``N * prod(spatial)``, summed over devices under ``axis_name``, real samples only under ``mask``).
+(``N * prod(spatial)``, summed over devices under ``axis_name``, unmasked values only under ``mask``).
 
 Validation runs at trace time, from shapes and dtypes, with the shared :mod:`bn_ref._checks`, so
 a bad call fails before anything is computed or updated (§7.5).
@@ -16,7 +17,8 @@ a bad call fails before anything is computed or updated (§7.5).
 from __future__ import annotations
 
 import numbers
-from typing import Any, Sequence
+import warnings
+from typing import Any, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -26,8 +28,9 @@ from .. import _checks
 from ..conventions import DEFAULT, Convention, ConventionLike, resolve
 
 __all__ = [
+    "BNState",
+    "init",
     "batch_norm",
-    "batch_norm_impl",
     "batch_stats",
     "normalize",
     "update_running",
@@ -47,16 +50,6 @@ def stats_dtype(dtype: Any) -> jnp.dtype:
     ``jax_enable_x64``) stays float64.
     """
     return jnp.promote_types(jnp.dtype(dtype), jnp.float32)
-
-
-def _bshape(ndim: int, ax: int, c: int) -> tuple[int, ...]:
-    """Broadcast shape of a per-channel array against a rank-``ndim`` input (§6)."""
-    return tuple(c if i == ax else 1 for i in range(ndim))
-
-
-def _mask_b(mask: Array, ndim: int) -> Array:
-    """A (N,) mask broadcastable against x (batch axis 0)."""
-    return mask.reshape((mask.shape[0],) + (1,) * (ndim - 1))
 
 
 def _group_size(axis_name: Any, axis_index_groups: Any) -> int | None:
@@ -82,6 +75,7 @@ def batch_stats(
     axis_index_groups: Sequence[Sequence[int]] | None = None,
     mask: Array | None = None,
     dtype: Any = None,
+    use_fast_variance: bool = False,
 ) -> tuple[Array, Array, Any]:
     """Batch mean and biased batch variance per channel, by two passes (§2.1, §8.1, §11).
 
@@ -95,61 +89,68 @@ def batch_stats(
             global variance. Devices with unequal numbers of real samples are weighted by their
             counts, so the result equals single-device BN on the global batch.
         axis_index_groups: optional sub-groups of ``axis_name`` (as in ``lax.psum``).
-        mask: optional (N,) bool array; False marks a padded sample, which contributes nothing.
+        mask: optional bool array, (N,) or broadcastable to ``x`` (see :func:`batch_norm`);
+            False marks a value that contributes nothing. Each channel is reduced over its own
+            unmasked values.
         dtype: minimal dtype of the statistics; they are at least float32 (§8.3).
+        use_fast_variance: compute the variance as ``max(0, E[x^2] - E[x]^2)`` in one pass, as
+            Flax does by default. This departs from the spec (§8.2); False is the two-pass rule.
 
     Returns:
         ``(mean, var, n)``: (C,) arrays in the statistics dtype, and the number of values
-        reduced per channel -- a Python int when it is static (no mask), else an int32 array.
+        reduced per channel -- a Python int when it is static (no mask), else an int32 array:
+        a scalar without a mask, (C,) with one (each channel's own count).
 
-    The variance is never formed as E[x^2] - E[x]^2 (§8.2): the mean is computed first and the
-    variance is the mean of squared deviations from it.
+    The variance is never formed as E[x^2] - E[x]^2 (§8.2) unless ``use_fast_variance``: the
+    mean is computed first and the variance is the mean of squared deviations from it.
     """
-    ndim = x.ndim
-    ax = _checks.normalize_axis(ndim, axis)
-    red = _checks.reduction_axes(ndim, ax)
+    lay = _checks.layout(x.shape, axis)
+    red, bshape = lay.reduce, lay.bshape
     sd = stats_dtype(x.dtype if dtype is None else jnp.promote_types(x.dtype, dtype))
     xs = x.astype(sd)
-    bshape = _bshape(ndim, ax, x.shape[ax])
-    n_static = 1
-    for i in red:
-        n_static *= x.shape[i]
+    m = _check_mask(mask, x.shape)
 
-    if mask is None and axis_name is None:
+    if m is None and axis_name is None and not use_fast_variance:
         # §2.1 / §8.1: mean first, then the mean of squared deviations from it.
         mean = jnp.mean(xs, axis=red)
         centred = xs - mean.reshape(bshape)
         var = jnp.mean(centred * centred, axis=red)
-        return mean, var, n_static
+        return mean, var, lay.n
 
-    if mask is not None:
-        mb = _mask_b(mask, ndim)
-        # Padded values are replaced by 0 before any arithmetic, so NaN/Inf padding cannot leak
+    if m is not None:
+        # Masked values are replaced by 0 before any arithmetic, so NaN/Inf padding cannot leak
         # into the statistics or (through 0 * NaN) into gradients.
-        xs = jnp.where(mb, xs, jnp.zeros((), sd))
-        per_sample = n_static // x.shape[0] if x.shape[0] else 0
-        n = jnp.sum(mask.astype(jnp.int32)) * per_sample
+        xs = jnp.where(m, xs, jnp.zeros((), sd))
+        n = jnp.sum(jnp.broadcast_to(m, x.shape), axis=red, dtype=jnp.int32)  # (C,), §11.5
     else:
-        mb = None
-        n = jnp.asarray(n_static, jnp.int32)
+        n = jnp.asarray(lay.n, jnp.int32)
     total = jnp.sum(xs, axis=red)
-    if axis_name is not None:
-        # §11: count-weighted global mean = (sum over devices of sums) / (sum of counts).
-        n, total = lax.psum((n, total), axis_name, axis_index_groups=axis_index_groups)
-    mean = total / n.astype(sd)
-    centred = xs - mean.reshape(bshape)
-    sq = centred * centred
-    if mb is not None:
-        sq = jnp.where(mb, sq, jnp.zeros((), sd))
-    m2 = jnp.sum(sq, axis=red)
-    if axis_name is not None:
-        # §11: squared deviations about the *global* mean add up exactly across devices.
-        m2 = lax.psum(m2, axis_name, axis_index_groups=axis_index_groups)
-    var = m2 / n.astype(sd)
-    if mask is None:
+    if use_fast_variance:
+        # Flax's one-pass formula (departs from §8.2): E[x^2] - E[x]^2, clipped at 0.
+        total2 = jnp.sum(xs * xs, axis=red)
+        if axis_name is not None:
+            n, total, total2 = lax.psum((n, total, total2), axis_name, axis_index_groups=axis_index_groups)
+        nf = n.astype(sd)
+        mean = total / nf
+        var = jnp.maximum(total2 / nf - mean * mean, jnp.zeros((), sd))
+    else:
+        if axis_name is not None:
+            # §11: count-weighted global mean = (sum over devices of sums) / (sum of counts).
+            n, total = lax.psum((n, total), axis_name, axis_index_groups=axis_index_groups)
+        mean = total / n.astype(sd)
+        centred = xs - mean.reshape(bshape)
+        sq = centred * centred
+        if m is not None:
+            sq = jnp.where(m, sq, jnp.zeros((), sd))
+        m2 = jnp.sum(sq, axis=red)
+        if axis_name is not None:
+            # §11: squared deviations about the *global* mean add up exactly across devices.
+            m2 = lax.psum(m2, axis_name, axis_index_groups=axis_index_groups)
+        var = m2 / n.astype(sd)
+    if m is None:
         group = _group_size(axis_name, axis_index_groups)
         if group is not None:
-            n = n_static * group  # static global n
+            n = lay.n * group  # static global n
     return mean, var, n
 
 
@@ -177,9 +178,8 @@ def normalize(
     The arithmetic runs in the promoted dtype of the statistics, the parameters and float32
     (so float16/bfloat16 inputs are normalized in float32) and the result is rounded once.
     """
-    ndim = x.ndim
-    ax = _checks.normalize_axis(ndim, axis)
-    bshape = _bshape(ndim, ax, x.shape[ax])
+    ax = _checks.normalize_axis(x.ndim, axis)
+    bshape = _checks.broadcast_shape(x.ndim, ax, x.shape[ax])
     parts = [stats_dtype(x.dtype), mean.dtype, var.dtype]
     parts += [a.dtype for a in (gamma, beta) if a is not None]
     cd = jnp.result_type(*parts)
@@ -218,6 +218,10 @@ def update_running(
     mean = lax.stop_gradient(mean)
     var = lax.stop_gradient(var)
     w_r, w_b = convention.update_weights(count)
+    if not isinstance(n, numbers.Real):
+        # An array n (masked or cross-device): n / (n - 1) in the statistics' dtype, not in the
+        # float32 that JAX's int32 division would give.
+        n = jnp.asarray(n).astype(var.dtype)
     corr = convention.variance_correction(n)
 
     def blend(r: Array, b: Array) -> Array:
@@ -253,96 +257,72 @@ def _check_count(count: Any) -> Any:
     return _checks.check_count(count)
 
 
-def _check_mask(mask: Any, x_shape: tuple[int, ...]) -> Array | None:
+def _check_mask(mask: Any, x_shape: Sequence[int]) -> Array | None:
+    """``mask`` as a bool array of the rank of ``x`` that broadcasts to ``x.shape`` (or None).
+
+    Two spellings are accepted: bn-ref's (N,) flag per sample, and any shape that broadcasts to
+    ``x.shape`` under NumPy's rules (trailing axes aligned), which is what Flax's
+    ``BatchNorm(..., mask=)`` takes -- e.g. (N, 1, 1, 1), (N, H, W, 1), (1, ..., C) per feature, or
+    ``x.shape`` itself. A rank-1 mask of length N is always bn-ref's per-sample form, also when N
+    equals ``x.shape[-1]`` (where NumPy's rule would read it per feature): give a per-feature
+    mask as (1, ..., C).
+    """
     if mask is None:
         return None
     m = jnp.asarray(mask)
+    x_shape = tuple(int(s) for s in x_shape)
+    ndim = len(x_shape)
     if m.dtype != jnp.bool_:
-        raise TypeError(f"mask must be a bool array (True = real sample); got dtype {m.dtype}")
-    if m.shape != (x_shape[0],):
+        raise TypeError(f"mask must be a bool array (True = a value that enters the statistics); got dtype {m.dtype}")
+    ms = tuple(int(s) for s in m.shape)
+    if len(ms) == 1 and ndim > 1 and ms[0] == x_shape[0]:
+        return m.reshape(ms + (1,) * (ndim - 1))  # bn-ref's per-sample form (takes precedence)
+    full = (1,) * (ndim - len(ms)) + ms
+    if len(ms) > ndim or any(a not in (1, b) for a, b in zip(full, x_shape)):
         raise ValueError(
-            f"mask must have shape (N,) = ({x_shape[0]},) over the batch axis of x.shape {tuple(x_shape)}; "
-            f"got shape {tuple(m.shape)}"
+            f"mask must have shape (N,) = ({x_shape[0]},) (one flag per sample) or a shape that broadcasts to "
+            f"x.shape {x_shape}; got shape {ms}"
         )
-    return m
+    return m.reshape(full)
 
 
 # -- the whole layer ----------------------------------------------------------------------------
 
 
-def batch_norm_impl(
-    x: Any,
-    gamma: Any,
-    beta: Any,
-    running_mean: Any,
-    running_var: Any,
-    *,
-    training: bool,
-    convention: ConventionLike = "flax",
-    axis: int | None = None,
-    count: Any = 0,
-    eps: float | None = None,
-    momentum: Any = DEFAULT,
-    axis_name: Any = None,
-    axis_index_groups: Any = None,
-    mask: Any = None,
-    dtype: Any = None,
-) -> tuple[Array, Array | None, Array | None, Any]:
-    """:func:`batch_norm` with one more policy: ``dtype``, the output dtype (None = ``x.dtype``).
+class BNState(NamedTuple):
+    """The running state of one Batch Normalization layer, optax-style (``docs/spec.md`` §3).
 
-    The Flax layers call this so that their ``dtype`` attribute rounds the output once.
+    Attributes:
+        mean: (C,) running mean.
+        var: (C,) running variance (biased or unbiased per the convention, §3.4).
+        count: int32 scalar, training steps taken (what ``momentum=None`` needs, §3.3).
+
+    :func:`batch_norm` takes the three fields and returns them updated, so a training step is:
+
+    >>> import jax.numpy as jnp
+    >>> from bn_ref.jax import BNState, batch_norm, init
+    >>> s = init(3)
+    >>> x = jnp.arange(12.0).reshape(4, 3)
+    >>> y, *new = batch_norm(x, None, None, s.mean, s.var, count=s.count, training=True)
+    >>> s = BNState(*new)
+    >>> int(s.count), s.mean.shape
+    (1, (3,))
     """
-    training = _checks.check_flag("training", training)
-    conv = resolve(convention, eps=eps, momentum=momentum, feature_axis=axis)
-    x = _as_float_array("x", x)
-    ax, c, n = _checks.check_input(x.shape, conv.feature_axis)
-    arrays = {}
-    for name, value in (("gamma", gamma), ("beta", beta), ("running_mean", running_mean), ("running_var", running_var)):
-        if value is None:
-            arrays[name] = None
-            continue
-        arr = _as_float_array(name, value)
-        _checks.check_per_channel(name, arr.shape, c, ax, x.shape)
-        arrays[name] = arr
-    rm, rv = arrays["running_mean"], arrays["running_var"]
-    if (rm is None) != (rv is None):
-        raise ValueError("running_mean and running_var must be given together (both arrays or both None)")
-    if not training and rm is None:
-        raise ValueError(
-            "eval (training=False) normalizes with the running statistics: running_mean and running_var are required"
-        )
-    count = _check_count(count)
-    mask_arr = _check_mask(mask, x.shape)
-    if axis_index_groups is not None and axis_name is None:
-        raise ValueError("axis_index_groups needs axis_name (the named axis the groups subdivide)")
-    if training:
-        group = _group_size(axis_name, axis_index_groups)
-        if group is not None:
-            # Static check on the batch as shaped (§7.1, §7.3); with a mask the number of real
-            # samples is only known at run time.
-            _checks.check_batch(n * group, x.shape, conv, training=True)
 
-    if mask_arr is not None:
-        # Padded samples are zeroed before anything touches them, so NaN/Inf padding cannot
-        # reach real outputs or (through 0 * NaN in the backward pass) any gradient.
-        x = jnp.where(_mask_b(mask_arr, x.ndim), x, jnp.zeros((), x.dtype))
-    if training:
-        mean, var, n_eff = batch_stats(
-            x, axis=ax, axis_name=axis_name, axis_index_groups=axis_index_groups, mask=mask_arr
-        )  # §2.1, §11
-        y = normalize(x, mean, var, arrays["gamma"], arrays["beta"], eps=conv.eps, axis=ax, dtype=dtype)  # §2.2-§2.3
-        if rm is not None:
-            new_rm, new_rv = update_running(rm, rv, mean, var, n_eff, convention=conv, count=count)  # §3
-        else:
-            new_rm = new_rv = None
-        new_count = count + 1
-    else:
-        y = normalize(x, rm, rv, arrays["gamma"], arrays["beta"], eps=conv.eps, axis=ax, dtype=dtype)  # §4
-        new_rm, new_rv, new_count = rm, rv, count
-    if mask_arr is not None:
-        # Padded samples: output 0, a constant, so they neither send nor receive gradient.
-        y = jnp.where(_mask_b(mask_arr, x.ndim), y, jnp.zeros((), y.dtype))
-    return y, new_rm, new_rv, new_count
+    mean: Array
+    var: Array
+    count: Array
+
+
+def init(num_features: int, dtype: Any = jnp.float32) -> BNState:
+    """The initial :class:`BNState`: mean 0, var 1, count 0 (every framework's initial values, §3).
+
+    Args:
+        num_features: C, the size of the feature axis.
+        dtype: dtype of ``mean``/``var`` (float32 by default, also for half-precision models, §8.3).
+    """
+    c = _checks.check_num_features(num_features)
+    return BNState(jnp.zeros((c,), dtype), jnp.ones((c,), dtype), jnp.zeros((), jnp.int32))
 
 
 def batch_norm(
@@ -361,18 +341,23 @@ def batch_norm(
     axis_name: Any = None,
     axis_index_groups: Any = None,
     mask: Any = None,
+    dtype: Any = None,
+    use_fast_variance: bool = False,
 ) -> tuple[Array, Array | None, Array | None, Any]:
     """Batch Normalization as a pure function (``docs/spec.md`` §2-§4, §11).
 
     Training (``training=True``) normalizes with the batch statistics and returns updated
-    running statistics; eval normalizes with the running statistics and returns them unchanged::
+    running statistics; eval normalizes with the running statistics and returns them unchanged.
+    The state recursion, one call per training step ``t = count + 1``::
 
-        mean, var = batch mean, biased batch variance (two-pass)                 # §2.1, §8.1
-        y = gamma * (x - mean) / sqrt(var + eps) + beta                           # §2.2, §2.3
-        (w_r, w_b) = convention.update_weights(count)                             # §3.1-§3.3
-        running_mean' = w_r * running_mean + w_b * mean
-        running_var'  = w_r * running_var + w_b * var * variance_correction(n)    # §3.4
-        count' = count + 1
+        mean_t, var_t = batch mean, biased batch variance of x_t (two-pass)        # §2.1, §8.1
+        y_t = gamma * (x_t - mean_t) / sqrt(var_t + eps) + beta                     # §2.2, §2.3
+        (w_r, w_b) = convention.update_weights(count)                              # §3.1-§3.3
+        running_mean_t = w_r * running_mean_{t-1} + w_b * mean_t
+        running_var_t  = w_r * running_var_{t-1}  + w_b * var_t * variance_correction(n)   # §3.4
+        count_t = count_{t-1} + 1
+
+    starting from :func:`init` (mean 0, var 1, count 0); :class:`BNState` names the three.
 
     Args:
         x: (N, C, ...) or (N, ..., C) floating array, rank >= 2.
@@ -390,13 +375,19 @@ def batch_norm(
         axis_name: named axis of ``shard_map``/``pmap`` to compute the statistics over the global
             batch, count-weighted and exact (§11); the unbiased correction uses the global n.
         axis_index_groups: sub-groups of ``axis_name`` (as in ``lax.psum``; ``pmap`` only).
-        mask: optional (N,) bool array, True for real samples. Padded samples contribute nothing
-            to the statistics, their output is 0 and they receive zero gradient. The n = 1 and
-            empty-batch checks then apply to the batch as shaped; a batch with no real sample at
-            all gives NaN statistics.
+        mask: optional bool array, True for the values that enter the statistics: (N,) (one flag
+            per sample), or any shape that broadcasts to ``x.shape`` as Flax's ``mask`` does
+            (e.g. (N, H, W, 1), or (1, ..., C) per feature). Each channel's statistics are those of
+            its own unmasked values, with its own count (§11.5); masked positions output 0 and
+            receive zero gradient. The n = 1 and empty-batch checks apply to the batch as shaped;
+            a channel with no unmasked value gets NaN statistics.
+        dtype: dtype of ``y``; None means ``x.dtype`` (§8.3).
+        use_fast_variance: False (the default) computes the variance in two passes, as the spec
+            requires (§8.1). True reproduces Flax's one-pass ``max(0, E[x^2] - E[x]^2)`` and
+            warns: it departs from the spec and loses every digit when |mean| >> std (§8.2).
 
     Returns:
-        ``(y, new_running_mean, new_running_var, new_count)``: ``y`` like ``x`` in ``x.dtype``;
+        ``(y, new_running_mean, new_running_var, new_count)``: ``y`` like ``x`` in ``dtype``;
         running statistics (C,) in their own dtype (or None); ``new_count = count + 1`` in
         training, ``count`` in eval.
 
@@ -406,23 +397,67 @@ def batch_norm(
     Raises (at trace time, before any computation):
         ValueError: rank < 2, a bad feature axis, a per-channel array not shaped (C,), missing
             running statistics in eval, an empty batch or n = 1 under ``single_value="error"``
-            in training (§7.1, §7.3), a mask not shaped (N,).
+            in training (§7.1, §7.3), a mask that does not broadcast to ``x``.
         TypeError: non-floating ``x``/parameters/statistics, non-bool ``training`` or ``mask``,
             a non-integer ``count``.
     """
-    return batch_norm_impl(
-        x,
-        gamma,
-        beta,
-        running_mean,
-        running_var,
-        training=training,
-        convention=convention,
-        axis=axis,
-        count=count,
-        eps=eps,
-        momentum=momentum,
-        axis_name=axis_name,
-        axis_index_groups=axis_index_groups,
-        mask=mask,
-    )
+    training = _checks.check_flag("training", training)
+    use_fast_variance = _checks.check_flag("use_fast_variance", use_fast_variance)
+    conv = resolve(convention, eps=eps, momentum=momentum, feature_axis=axis)
+    x = _as_float_array("x", x)
+    lay = _checks.layout(x.shape, conv.feature_axis)
+    arrays = {}
+    for name, value in (("gamma", gamma), ("beta", beta), ("running_mean", running_mean), ("running_var", running_var)):
+        if value is None:
+            arrays[name] = None
+            continue
+        arr = _as_float_array(name, value)
+        _checks.check_per_channel(name, arr.shape, lay.c, lay.axis, x.shape)
+        arrays[name] = arr
+    rm, rv = arrays["running_mean"], arrays["running_var"]
+    _checks.check_running_pair(rm is not None, rv is not None, training=training)
+    count = _check_count(count)
+    m = _check_mask(mask, x.shape)
+    if axis_index_groups is not None and axis_name is None:
+        raise ValueError("axis_index_groups needs axis_name (the named axis the groups subdivide)")
+    if training:
+        group = _group_size(axis_name, axis_index_groups)
+        if group is not None:
+            # Static check on the batch as shaped (§7.1, §7.3); with a mask the number of real
+            # values is only known at run time.
+            _checks.check_batch(lay.n * group, x.shape, conv, training=True)
+        if use_fast_variance:
+            warnings.warn(
+                "use_fast_variance=True computes the batch variance as E[x^2] - E[x]^2 in one pass (Flax's "
+                "formula), which departs from bn-ref's spec (docs/spec.md §8.2: it cancels catastrophically "
+                "when |mean| >> std); pass use_fast_variance=False for the two-pass variance",
+                UserWarning,
+                stacklevel=2,
+            )
+
+    if m is not None:
+        # Masked values are zeroed before anything touches them, so NaN/Inf padding cannot
+        # reach real outputs or (through 0 * NaN in the backward pass) any gradient.
+        x = jnp.where(m, x, jnp.zeros((), x.dtype))
+    if training:
+        mean, var, n_eff = batch_stats(
+            x,
+            axis=lay.axis,
+            axis_name=axis_name,
+            axis_index_groups=axis_index_groups,
+            mask=m,
+            use_fast_variance=use_fast_variance,
+        )  # §2.1, §11
+        y = normalize(x, mean, var, arrays["gamma"], arrays["beta"], eps=conv.eps, axis=lay.axis, dtype=dtype)  # §2.2-§2.3
+        if rm is not None:
+            new_rm, new_rv = update_running(rm, rv, mean, var, n_eff, convention=conv, count=count)  # §3
+        else:
+            new_rm = new_rv = None
+        new_count = count + 1
+    else:
+        y = normalize(x, rm, rv, arrays["gamma"], arrays["beta"], eps=conv.eps, axis=lay.axis, dtype=dtype)  # §4
+        new_rm, new_rv, new_count = rm, rv, count
+    if m is not None:
+        # Masked positions: output 0, a constant, so they neither send nor receive gradient.
+        y = jnp.where(m, y, jnp.zeros((), y.dtype))
+    return y, new_rm, new_rv, new_count

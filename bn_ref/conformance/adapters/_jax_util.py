@@ -1,4 +1,8 @@
-"""Helpers for the JAX-based adapters: float64 enabled, devices, dtypes, a per-config function cache.
+"""Helpers for the JAX-based adapters: float64 in a context, devices, dtypes, a per-config function cache.
+
+float64 cases need ``jax_enable_x64``. Importing an adapter does not turn it on: each adapter's
+``run`` is wrapped in :func:`x64` (``@ju.with_x64``), which enables it for that call only and
+restores the caller's setting afterwards, so the rest of the process keeps JAX's default.
 
 Every JAX adapter builds one function per static configuration (dtype, affine, training,
 convention) that returns the outputs and the VJP of ``sum(y * dy)`` together. By default it runs
@@ -11,17 +15,36 @@ the numbers agree to the tolerances).
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import os
-from typing import Any, Callable
+from typing import Any, Callable, Iterator, TypeVar
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
-jax.config.update("jax_enable_x64", True)  # float64 cases need it; set before any array exists
+from ..cases import Case
 
-import jax.numpy as jnp  # noqa: E402
+F = TypeVar("F", bound=Callable[..., Any])
 
-from ..cases import Case  # noqa: E402
+
+@contextlib.contextmanager
+def x64() -> Iterator[None]:
+    """``jax_enable_x64`` on inside the block (this thread), the previous setting restored after."""
+    with jax.enable_x64(True):
+        yield
+
+
+def with_x64(fn: F) -> F:
+    """Run ``fn`` (an adapter's ``run``) inside :func:`x64`."""
+
+    @functools.wraps(fn)
+    def wrapped(*args: Any, **kwargs: Any) -> Any:
+        with x64():
+            return fn(*args, **kwargs)
+
+    return wrapped  # type: ignore[return-value]
 
 DTYPES = {"float64": jnp.float64, "float32": jnp.float32, "float16": jnp.float16, "bfloat16": jnp.bfloat16}
 

@@ -13,7 +13,7 @@ from ... import flax as bf
 from ... import jax as bj
 from ...conventions import PRESETS, Convention
 from ..cases import Case
-from . import _jax_util as ju  # enables float64 (jax_enable_x64) on import
+from . import _jax_util as ju
 
 __all__ = ["JaxFunctionAdapter", "LinenAdapter", "NNXAdapter", "factory"]
 
@@ -46,6 +46,7 @@ class JaxFunctionAdapter(_Base):
     kind = "bn_ref.jax.batch_norm"
     description = "bn-ref pure JAX function"
 
+    @ju.with_x64
     def run(self, case: Case) -> dict[str, Any]:
         conv, ax, training = case.convention, case.feature_axis, case.training
 
@@ -69,11 +70,13 @@ class JaxFunctionAdapter(_Base):
 
 
 class LinenAdapter(_Base):
-    """``bn_ref.flax.BatchNorm`` (linen): variables params/{scale,bias}, batch_stats/{mean,var,count}."""
+    """``bn_ref.flax.BatchNorm`` (linen): variables params/{scale,bias}, batch_stats/{mean,var}
+    (and ``count`` under ``momentum=None``)."""
 
     kind = "bn_ref.flax.BatchNorm"
     description = "bn-ref Flax linen layer"
 
+    @ju.with_x64
     def run(self, case: Case) -> dict[str, Any]:
         conv, training, affine = case.convention, case.training, case.affine
         key = (conv, training, affine, case.dtype)
@@ -87,7 +90,9 @@ class LinenAdapter(_Base):
         fn = self._cache.get(key, build)
         i = self._inputs(case)
         params = {"scale": i["gamma"], "bias": i["beta"]} if affine else {}
-        stats = {"mean": i["rm"], "var": i["rv"], "count": i["count"]}
+        stats = {"mean": i["rm"], "var": i["rv"]}
+        if conv.momentum is None:
+            stats["count"] = i["count"]
         y, new, dx, dp = fn(i["x"], params, stats, i["dy"])
         return {"y": ju.out(y), "running_mean": ju.out(new["mean"]), "running_var": ju.out(new["var"]),
                 "dx": ju.out(dx), "dgamma": ju.out(dp.get("scale")), "dbeta": ju.out(dp.get("bias"))}
@@ -126,6 +131,7 @@ class NNXAdapter(_Base):
     kind = "bn_ref.flax.nnx.BatchNorm"
     description = "bn-ref Flax NNX layer"
 
+    @ju.with_x64
     def run(self, case: Case) -> dict[str, Any]:
         conv, training, affine = case.convention, case.training, case.affine
         c = case.x.shape[case.feature_axis]
@@ -139,7 +145,9 @@ class NNXAdapter(_Base):
             if affine:
                 m.scale.value = i["gamma"]
                 m.bias.value = i["beta"]
-            m.mean.value, m.var.value, m.count.value = i["rm"], i["rv"], i["count"]
+            m.mean.value, m.var.value = i["rm"], i["rv"]
+            if conv.momentum is None:
+                m.count.value = i["count"].astype(m.count.value.dtype)
 
         y, rest, dx, dp = nnx_runner(self._cache, (conv, training, affine, case.dtype, c), make, set_values,
                                      lambda m, x: m(x, use_running_average=not training), case, i["dy"], i["x"])

@@ -57,8 +57,6 @@ class _Runner:
         import jax
         from jax.sharding import Mesh
 
-        from . import _jax_util  # noqa: F401 - enables float64
-
         cpus = jax.devices("cpu")
         if len(cpus) < NDEV:
             raise RuntimeError(f"JAX has {len(cpus)} CPU device(s); {NDEV} are needed")
@@ -104,6 +102,12 @@ class _Runner:
         return jax.jit(f)
 
     def run(self, case: Case) -> dict[str, Any]:
+        from . import _jax_util as ju
+
+        with ju.x64():  # float64 cases; the process's own setting is restored after
+            return self._run(case)
+
+    def _run(self, case: Case) -> dict[str, Any]:
         import jax.numpy as jnp
 
         from . import _jax_util as ju

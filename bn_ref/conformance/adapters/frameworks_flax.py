@@ -12,7 +12,7 @@ from flax import nnx
 
 from ...conventions import PRESETS
 from ..cases import Case
-from . import _jax_util as ju  # enables float64 (jax_enable_x64) on import
+from . import _jax_util as ju
 from .bnref_jax import _Base, nnx_runner
 
 __all__ = ["FlaxLinenAdapter", "FlaxNNXAdapter", "factory"]
@@ -34,6 +34,7 @@ class FlaxLinenAdapter(_Base):
     def skip(self, case: Case) -> str | None:
         return _reason(case)
 
+    @ju.with_x64
     def run(self, case: Case) -> dict[str, Any]:
         training, affine = case.training, case.affine
         key = (training, affine, case.dtype, case.feature_axis, case.eps, case.momentum)
@@ -63,6 +64,7 @@ class FlaxNNXAdapter(_Base):
     def skip(self, case: Case) -> str | None:
         return _reason(case)
 
+    @ju.with_x64
     def run(self, case: Case) -> dict[str, Any]:
         training, affine = case.training, case.affine
         c = case.x.shape[case.feature_axis]

@@ -15,7 +15,7 @@ import jax
 
 from ...conventions import PRESETS
 from ..cases import Case
-from . import _jax_util as ju  # enables float64 (jax_enable_x64) on import
+from . import _jax_util as ju
 
 __all__ = ["KerasAdapter", "factory"]
 
@@ -54,6 +54,7 @@ class KerasAdapter:
             self._layers[key] = layer
         return layer
 
+    @ju.with_x64
     def run(self, case: Case) -> dict[str, Any]:
         layer = self._layer(case)
         vdt = ju.DTYPES[layer.variable_dtype]
