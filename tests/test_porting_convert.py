@@ -17,8 +17,6 @@ from bn_ref.porting import convert  # noqa: E402
 from bn_ref.tolerances import assert_close, error_units  # noqa: E402
 
 
-
-
 def _x(shape: tuple[int, ...], seed: int = 1) -> np.ndarray:
     return np.random.default_rng(seed).normal(0.3, 1.2, shape).astype(np.float32)
 
