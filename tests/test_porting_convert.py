@@ -244,3 +244,40 @@ def test_unsupported_layers_are_named() -> None:
         convert.torch_layers(m)
     with pytest.raises(ValueError, match="transposed"):
         convert.torch_layers(torch.nn.Sequential(torch.nn.ConvTranspose2d(2, 2, 3)))
+
+
+def test_cli_any_state_dict_both_ways(tmp_path, capsys) -> None:
+    import json
+    import pickle
+
+    import jax.numpy as jnp
+
+    tm = pm.trained_torch(pm.torch_resblock(), (6, 3, 6, 6))
+    fm = pm.linen_resblock(convention="pytorch")
+    x = _x((4, 3, 6, 6))
+    template = fm.init(jax.random.PRNGKey(0), jnp.asarray(pm.nchw_to_nhwc(x)))
+    torch.save(tm.state_dict(), tmp_path / "src.pt")
+    (tmp_path / "tmpl.pkl").write_bytes(pickle.dumps(jax.tree_util.tree_map(np.asarray, template)))
+    (tmp_path / "map.json").write_text(json.dumps({"proj": "proj"}))
+    assert convert.main(["--from", "torch", str(tmp_path / "src.pt"), "--to", "flax", str(tmp_path / "out.msgpack"),
+                         "--template", str(tmp_path / "tmpl.pkl"), "--mapping", str(tmp_path / "map.json")]) == 0
+    assert "bn_proj" in capsys.readouterr().out
+    from flax import serialization
+
+    variables = serialization.msgpack_restore((tmp_path / "out.msgpack").read_bytes())
+    with torch.no_grad():
+        y_t = tm(torch.from_numpy(x)).numpy()
+    assert_close(_linen_eval(fm, variables, pm.nchw_to_nhwc(x)), y_t, "float32", what="CLI torch->flax")
+    # and back, with a state_dict template
+    torch.save(pm.torch_resblock().state_dict(), tmp_path / "tmpl.pt")
+    assert convert.main(["--from", "flax", str(tmp_path / "out.msgpack"), "--to", "torch", str(tmp_path / "back.pt"),
+                         "--template", str(tmp_path / "tmpl.pt")]) == 0
+    tm2 = pm.torch_resblock()
+    tm2.load_state_dict(torch.load(tmp_path / "back.pt", weights_only=True))
+    tm2.eval()
+    with torch.no_grad():
+        assert_close(tm2(torch.from_numpy(x)).numpy(), y_t, "float32", what="CLI flax->torch")
+    # errors are one line, exit 2
+    assert convert.main(["--from", "torch", str(tmp_path / "nope.pt"), "--to", "flax", str(tmp_path / "o"),
+                         "--template", str(tmp_path / "tmpl.pkl")]) == 2
+    assert "no such file" in capsys.readouterr().err

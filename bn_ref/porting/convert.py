@@ -394,11 +394,15 @@ def pair_layers(
     torch_side: Sequence[Layer],
     flax_side: Sequence[Layer],
     mapping: Mapping[str, str] | None = None,
+    *,
+    match_names: bool = True,
 ) -> list[tuple[Layer, Layer]]:
     """Pair PyTorch layers with Flax layers.
 
     ``mapping``: ``{torch name: flax path}`` (path parts joined by ``/`` or ``.``) for some or all
-    layers; the remaining layers are paired by order. Order pairing first tries the whole
+    layers. Then, with ``match_names``, layers whose names agree once ``.``, ``/`` and ``_`` are
+    dropped and case is ignored (``layer1.0.conv1`` ~ ``layer1/0/conv1``), uniquely on each side
+    and with equal kind and shape, are paired by name. The remaining layers are paired by order. Order pairing first tries the whole
     sequence (kinds and shapes must agree position by position); if the kinds interleave
     differently (NNX attribute order, a shortcut registered after the main path), it pairs within
     each kind only when every shape in that kind is unique, so that the shapes, not the order,
@@ -428,6 +432,25 @@ def pair_layers(
         pairs.append((t, f))
         used_t.add(tn)
         used_f.add(key)
+    if match_names:
+        # layers with the same name on both sides (``layer1.0.conv1`` ~ ``layer1/0/conv1`` ~ ``layer1_0/conv1``)
+        def key(name: str) -> str:
+            return name.lower().replace(".", "").replace("/", "").replace("_", "")
+
+        kt: dict[str, list[Layer]] = {}
+        kf: dict[str, list[Layer]] = {}
+        for ly in torch_side:
+            if ly.name not in used_t:
+                kt.setdefault(key(ly.name), []).append(ly)
+        for ly in flax_side:
+            if _norm_name(ly.name) not in used_f:
+                kf.setdefault(key(ly.name), []).append(ly)
+        for k, ts in kt.items():
+            fs = kf.get(k, [])
+            if len(ts) == 1 and len(fs) == 1 and ts[0].kind == fs[0].kind and ts[0].shape_key == fs[0].shape_key:
+                pairs.append((ts[0], fs[0]))
+                used_t.add(ts[0].name)
+                used_f.add(_norm_name(fs[0].name))
     rest_t = [ly for ly in torch_side if ly.name not in used_t]
     rest_f = [ly for ly in flax_side if _norm_name(ly.name) not in used_f]
     if len(rest_t) != len(rest_f):
@@ -716,3 +739,113 @@ def flax_to_torch(
 def iter_pairs(report: PortReport) -> Iterable[tuple[str, str, str]]:
     """The (PyTorch name, Flax path, kind) pairs of a finished port."""
     return iter(report.pairs)
+
+
+# -- command line ------------------------------------------------------------------------------
+
+
+def _load(path: str, kind: str) -> Any:
+    """A torch.save'd state_dict (kind "torch"), or Flax variables (kind "flax"): pickled, or msgpack
+    (``flax.serialization.msgpack_serialize``) when the name ends in ``.msgpack``."""
+    import io
+    import os
+    import pickle
+
+    if not os.path.isfile(path):
+        raise ValueError(f"{path}: no such file")
+    raw = open(path, "rb").read()
+    if kind == "torch":
+        import torch
+
+        obj = torch.load(io.BytesIO(raw), map_location="cpu", weights_only=True)
+        if hasattr(obj, "state_dict"):
+            obj = obj.state_dict()
+        if not isinstance(obj, Mapping):
+            raise ValueError(f"{path}: not a state_dict (got {type(obj).__name__})")
+        return obj
+    if path.endswith(".msgpack"):
+        from flax import serialization
+
+        return serialization.msgpack_restore(raw)
+    obj = pickle.loads(raw)  # noqa: S301 - the user's own checkpoint, as `bn-ref port` reads it
+    if isinstance(obj, Mapping) and "state" in obj and "config" in obj:  # a `bn-ref train` checkpoint
+        obj = {"params": obj["state"]["params"], "batch_stats": obj["state"]["stats"]}
+    return obj
+
+
+def _parse_flatten(items: Sequence[str] | None) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for item in items or ():
+        name, sep, shape = item.partition("=")
+        if not sep:
+            raise ValueError(f"--flatten {item!r}: expected NAME=C,H,W or NAME=none")
+        out[name] = None if shape.strip().lower() == "none" else tuple(int(s) for s in shape.split(","))
+    return out
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m bn_ref.porting.convert --from torch SRC --to flax OUT --template T [--mapping M.json]``.
+
+    Ports any model's weights: SRC is a ``torch.save``'d state_dict (``--from torch``) or Flax
+    variables (``--from flax``: pickled dict or ``.msgpack``); TEMPLATE gives the target's structure
+    (``--to flax``: the target model's variables from ``model.init``, pickled or ``.msgpack``;
+    ``--to torch``: the target model's ``state_dict``). OUT is written in the target's format
+    (pickled NumPy variables dict or ``.msgpack``; ``torch.save``'d state_dict). Prints the pairs
+    and the notes. Exit status 0, or 2 with one line on any error.
+    """
+    import argparse
+    import io
+    import json
+    import pickle
+    import sys
+
+    p = argparse.ArgumentParser(prog="bn-ref port", description="Port any model's weights between PyTorch and Flax "
+                                "(layers paired by order with shape checks, or by --mapping).")
+    p.add_argument("--from", dest="src_kind", required=True, choices=("torch", "flax"))
+    p.add_argument("src", help="source weights")
+    p.add_argument("--to", dest="dst_kind", required=True, choices=("torch", "flax"))
+    p.add_argument("out", help="output file")
+    p.add_argument("--template", required=True, help="the target model's own weights file (structure, names, shapes)")
+    p.add_argument("--mapping", help="JSON file {torch name: flax path} for layers order cannot pair")
+    p.add_argument("--flatten", action="append", metavar="NAME=C,H,W",
+                   help="PyTorch dense layer fed by a flattened (C, H, W) map, or NAME=none (repeatable)")
+    p.add_argument("--source-convention", help="convention of the source's BN statistics (with --target-convention)")
+    p.add_argument("--target-convention", help="convention the target's BN statistics live under")
+    p.add_argument("--n", type=int, help="values per channel per training batch, to convert the running variance (§3.5)")
+    args = p.parse_args(argv)
+    if {args.src_kind, args.dst_kind} != {"torch", "flax"}:
+        p.error("--from/--to must be torch -> flax or flax -> torch")
+    try:
+        mapping = json.load(open(args.mapping)) if args.mapping else None
+        kw = dict(mapping=mapping, flatten=_parse_flatten(args.flatten), source_convention=args.source_convention,
+                  target_convention=args.target_convention, n=args.n)
+        report = PortReport()
+        src = _load(args.src, args.src_kind)
+        template = _load(args.template, args.dst_kind)
+        if args.dst_kind == "flax":
+            out = torch_to_flax(src, template, report=report, **kw)
+            if args.out.endswith(".msgpack"):
+                from flax import serialization
+
+                payload = serialization.msgpack_serialize(out)
+            else:
+                payload = pickle.dumps(out)
+        else:
+            import torch
+
+            sd = flax_to_torch(src, template, report=report, **kw)
+            buf = io.BytesIO()
+            torch.save(sd, buf)
+            payload = buf.getvalue()
+        with open(args.out, "wb") as fh:
+            fh.write(payload)
+    except (ValueError, TypeError, KeyError, OSError) as exc:
+        print(f"bn-ref port: {exc}", file=sys.stderr)
+        return 2
+    print(report)
+    print(f"wrote {args.out} ({args.dst_kind})")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
