@@ -215,6 +215,10 @@ def translate(
                      f"{src.feature_axis}: transpose the input (e.g. x.movedim({src.feature_axis}, 1)) -- a layout change, "
                      "not a numerical one (spec §6, §10)")
         eff_axis = native.feature_axis
+    if row.axis_param is not None and src.feature_axis % rank != native.feature_axis % rank:
+        notes.append(f"{row.axis_param}={src.feature_axis} keeps the source's layout; {tname} models usually feed "
+                     f"channels-last data, and then need {row.axis_param}={native.feature_axis} (a layout choice, not a "
+                     "numerical one; spec §6)")
     # n = 1 (§7.1)
     if src.single_value != row.single_value:
         if row.single_value == "error":
