@@ -281,3 +281,32 @@ def test_cli_any_state_dict_both_ways(tmp_path, capsys) -> None:
     assert convert.main(["--from", "torch", str(tmp_path / "nope.pt"), "--to", "flax", str(tmp_path / "o"),
                          "--template", str(tmp_path / "tmpl.pkl")]) == 2
     assert "no such file" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("bn", ["ref", "none"])
+def test_lenet_is_one_use_of_the_generic_port(bn: str) -> None:
+    """The LeNet-specific bn_ref.port and the generic converter give the same variables (LeNet's
+    flatten of a (16, 4, 4) map is inferred), and the generic reverse equals bn_ref.port's."""
+    import jax.numpy as jnp
+
+    from bn_ref import port
+    from bn_ref.flax import LeNet
+    from bn_ref.torch.lenet import lenet
+
+    tm = lenet(bn=bn, convention="pytorch")
+    if bn == "ref":
+        tm = pm.trained_torch(tm, (8, 1, 28, 28))
+    fm = LeNet(bn=bn, convention="pytorch")
+    template = fm.init(jax.random.PRNGKey(0), jnp.zeros((1, 28, 28, 1)), train=False)
+    ours = convert.torch_to_flax(tm, template)
+    theirs = port.torch_to_flax(tm.state_dict())
+    flat_ours = jax.tree_util.tree_leaves_with_path(ours)
+    flat_theirs = dict(jax.tree_util.tree_leaves_with_path(theirs))
+    assert len(flat_ours) == len(flat_theirs) > 0
+    for path, leaf in flat_ours:
+        np.testing.assert_array_equal(leaf, flat_theirs[path], err_msg=str(path))
+    sd = convert.flax_to_torch(ours, tm)
+    ref = port.flax_to_torch(theirs)
+    assert list(sd) == list(ref)
+    for k in sd:
+        assert torch.equal(sd[k], ref[k]), k
