@@ -93,3 +93,19 @@ def test_wrong_momentum_spelling_shows_after_the_step(setup) -> None:
     rep = divergence.find_divergence(tm, fm, convert.torch_to_flax(tm, template), x)
     f = rep.first("after-step")
     assert rep.first("eval") is None and f.torch_name == "1" and f.what == "mean"
+
+
+def test_nnx_port(setup) -> None:
+    """NNX models: outputs captured with nnx.capture; a broken kernel is named, a correct port agrees."""
+    tm = pm.trained_torch(pm.torch_convnet(bn="bnref"), (6, 3, 8, 8))
+    _, _, _, x = setup
+    fm = pm.nnx_convnet(convention="pytorch")
+    convert.torch_to_flax(tm, fm)
+    before = np.asarray(fm.conv2.kernel[...]).copy()
+    rep = divergence.find_divergence(tm, fm, None, x)
+    assert rep.agree, str(rep)
+    assert sum(c.phase == "after-step" for c in rep.comparisons) == 2 * 2 + 2 * 5 + 2
+    np.testing.assert_array_equal(np.asarray(fm.conv2.kernel[...]), before)  # the model is not changed
+    fm.conv2.kernel[...] = before[::-1, ::-1]
+    first = divergence.find_divergence(tm, fm, None, x, train_step=False).first("eval")
+    assert first.torch_name == "3" and first.flax_name == "conv2"

@@ -7,7 +7,8 @@ them in the source's execution order with the tolerance of ``docs/spec.md`` §8.
 
 1. ``eval`` -- both models in inference mode;
 2. ``train`` -- one training-mode forward (batch statistics, §2), then one SGD step on the loss
-   ``sum(logits * g)`` with the same fixed ``g`` on both sides; ``after-step`` compares every
+   ``sum(logits * g)`` with the same fixed ``g`` on both sides (the running statistics move once);
+   ``after-step`` compares every
    paired layer's updated parameters and running statistics (converted to the Flax layout);
 3. ``eval-after-step`` -- inference again with the updated weights and statistics.
 
@@ -16,9 +17,9 @@ index in the PyTorch layout, and both values). A layer whose conversion is wrong
 ``eval``; a BN whose *convention* differs (momentum term, biased vs unbiased running variance,
 §3.5) agrees in ``eval`` and ``train`` but not ``after-step``.
 
-Layers are paired as in :func:`bn_ref.porting.convert.pair_layers` (by order with shape checks,
-or by ``mapping``). NNX models are not supported here: capture their outputs with ``nnx.sow`` in
-the model, or port to linen for the comparison.
+Layers are paired as in :func:`bn_ref.porting.convert.pair_layers` (by name, by order with shape
+checks, or by ``mapping``). NNX models are supported too: their outputs are captured with
+``nnx.capture(..., method_outputs=nnx.Intermediate)`` on clones, so the model is not changed.
 """
 
 from __future__ import annotations
@@ -147,10 +148,103 @@ def _flax_intermediate(inter: Mapping[str, Any], path: tuple[str, ...]) -> np.nd
     return np.asarray(val[0] if isinstance(val, (tuple, list)) else val, np.float64)
 
 
+class _Linen:
+    """The Flax side as linen module + variables."""
+
+    def __init__(self, model: Any, variables: Mapping[str, Any], eval_kwargs: Mapping[str, Any],
+                 train_kwargs: Mapping[str, Any]) -> None:
+        self.model, self.variables = model, variables
+        self.eval_kwargs, self.train_kwargs = dict(eval_kwargs), dict(train_kwargs)
+
+    def layers(self) -> list[convert.Layer]:
+        return convert.flax_layers(self.variables)
+
+    def forward(self, xf: Any, training: bool) -> tuple[Any, Any]:
+        kw = self.train_kwargs if training else self.eval_kwargs
+        mutable = ["intermediates"] + (["batch_stats"] if training else [])
+        y, state = self.model.apply(self.variables, xf, capture_intermediates=True, mutable=mutable, **kw)
+        inter = state["intermediates"]
+        return y, lambda path: _flax_intermediate(inter, path)
+
+    def step(self, xf: Any, gf: Any, lr: float) -> "_Linen":
+        import jax
+        import jax.numpy as jnp
+
+        v = self.variables
+
+        def loss(params: Any) -> Any:
+            out, upd = self.model.apply({**v, "params": params}, xf, mutable=["batch_stats"], **self.train_kwargs)
+            return jnp.sum(out * gf), upd
+
+        grads, upd = jax.grad(loss, has_aux=True)(v["params"])
+        params = jax.tree_util.tree_map(lambda p, d: p - lr * d, v["params"], grads)
+        new = {**v, "params": params, "batch_stats": upd.get("batch_stats", v.get("batch_stats", {}))}
+        return _Linen(self.model, new, self.eval_kwargs, self.train_kwargs)
+
+    def ported(self, torch_model: Any, mapping: Mapping[str, str] | None) -> list[convert.Layer]:
+        return convert.flax_layers(convert.torch_to_flax(torch_model, self.variables, mapping))
+
+
+class _NNX:
+    """The Flax side as an NNX module (cloned, never modified)."""
+
+    def __init__(self, model: Any) -> None:
+        from flax import nnx
+
+        self.model = nnx.clone(model)
+
+    def layers(self) -> list[convert.Layer]:
+        return convert.flax_layers(self.model)
+
+    def forward(self, xf: Any, training: bool) -> tuple[Any, Any]:
+        from flax import nnx
+
+        m = nnx.clone(self.model)
+        m.train() if training else m.eval()
+        y, inter = nnx.capture(m, nnx.Intermediate, method_outputs=nnx.Intermediate)(xf)
+
+        def lookup(path: tuple[str, ...]) -> np.ndarray | None:
+            node: Any = inter
+            try:
+                for p in path:
+                    node = node[int(p)] if p.isdigit() and not hasattr(node, "keys") else node[p]
+                val = node["__call__"]
+            except (KeyError, IndexError, TypeError):
+                return None
+            val = val.get_value() if hasattr(val, "get_value") else getattr(val, "value", val)
+            return np.asarray(val[0] if isinstance(val, (tuple, list)) else val, np.float64)
+
+        return y, lookup
+
+    def step(self, xf: Any, gf: Any, lr: float) -> "_NNX":
+        import jax
+        import jax.numpy as jnp
+        from flax import nnx
+
+        m = nnx.clone(self.model)
+        m.train()
+
+        def loss(mod: Any) -> Any:
+            return jnp.sum(mod(xf) * gf)
+
+        grads = nnx.grad(loss)(m)
+        params = nnx.state(m, nnx.Param)
+        nnx.update(m, jax.tree_util.tree_map(lambda p, d: p - lr * d, params, grads))
+        m.eval()
+        return _NNX(m)
+
+    def ported(self, torch_model: Any, mapping: Mapping[str, str] | None) -> list[convert.Layer]:
+        from flax import nnx
+
+        target = nnx.clone(self.model)
+        convert.torch_to_flax(torch_model, target, mapping)
+        return convert.flax_layers(target)
+
+
 def find_divergence(
     torch_model: Any,
     flax_model: Any,
-    variables: Mapping[str, Any],
+    variables: Mapping[str, Any] | None,
     x: np.ndarray,
     *,
     mapping: Mapping[str, str] | None = None,
@@ -161,17 +255,18 @@ def find_divergence(
     lr: float = 0.1,
     seed: int = 0,
 ) -> DivergenceReport:
-    """Compare a PyTorch model and its Flax linen port layer by layer (see the module docstring).
+    """Compare a PyTorch model and its Flax port layer by layer (see the module docstring).
 
     Args:
-        torch_model: the source ``torch.nn.Module`` (its weights are *not* changed: the training
-            step runs on a deep copy).
-        flax_model: the linen module; ``variables`` its ``{"params", "batch_stats"}``.
+        torch_model: the source ``torch.nn.Module`` (not changed: the training step runs on a copy).
+        flax_model: a linen module (with ``variables`` its ``{"params", "batch_stats"}``), or an NNX
+            module (``variables=None``; cloned, not changed; outputs captured with ``nnx.capture``).
         x: the input in the PyTorch layout (N, C, ...) as NumPy; the Flax model receives it with
             the channels moved last when ``x.ndim >= 3``.
         mapping: ``{torch name: flax path}`` for :func:`~bn_ref.porting.convert.pair_layers`.
-        eval_kwargs, train_kwargs: extra keyword arguments of ``flax_model.apply`` selecting eval and
-            training (default ``{"train": False}`` / ``{"train": True}``).
+        eval_kwargs, train_kwargs: linen only: extra keyword arguments of ``flax_model.apply``
+            selecting eval and training (default ``{"train": False}`` / ``{"train": True}``). NNX
+            models switch with ``.eval()`` / ``.train()``.
         dtype: the dtype whose §8.4 tolerance applies (the models' compute dtype).
         train_step: also run the training phases.
         lr: the SGD learning rate of the step.
@@ -181,13 +276,17 @@ def find_divergence(
     """
     import copy
 
-    import jax
     import jax.numpy as jnp
     import torch
 
-    eval_kwargs = dict(eval_kwargs if eval_kwargs is not None else {"train": False})
-    train_kwargs = dict(train_kwargs if train_kwargs is not None else {"train": True})
-    pairs = convert.pair_layers(convert.torch_layers(torch_model), convert.flax_layers(variables), mapping)
+    if convert._is_nnx(flax_model):
+        side: Any = _NNX(flax_model)
+    else:
+        if variables is None:
+            raise TypeError("variables are required with a linen module (pass None only with an NNX module)")
+        side = _Linen(flax_model, variables, eval_kwargs if eval_kwargs is not None else {"train": False},
+                      train_kwargs if train_kwargs is not None else {"train": True})
+    pairs = convert.pair_layers(convert.torch_layers(torch_model), side.layers(), mapping)
     by_t = {t.name: (t, f) for t, f in pairs}
     rep = DivergenceReport(dtype)
     x = np.asarray(x)
@@ -195,29 +294,26 @@ def find_divergence(
     xf = jnp.asarray(np.moveaxis(x, 1, -1) if x.ndim >= 3 else x)
     tm = copy.deepcopy(torch_model)
 
-    def outputs(phase: str, vars_: Mapping[str, Any], training: bool) -> tuple[Any, Any, Any]:
+    def outputs(phase: str, flax_side: Any, training: bool) -> Any:
         tm.train(training)
         y_t, outs, order = _torch_forward(tm, pairs, xt)
-        kw = train_kwargs if training else eval_kwargs
-        mutable = ["intermediates"] + (["batch_stats"] if training else [])
-        y_f, state = flax_model.apply(vars_, xf, capture_intermediates=True, mutable=mutable, **kw)
-        inter = state["intermediates"]
+        _, lookup = flax_side.forward(xf, training)
         for name in order:
             t, f = by_t[name]
-            got = _flax_intermediate(inter, tuple(f.name.split("/")) if f.name else ())
+            got = lookup(tuple(f.name.split("/")) if f.name else ())
             if got is None:
                 rep.comparisons.append(LayerComparison(phase, t.name, f.name, t.kind, "output (not captured)", float("inf")))
                 continue
             rep.comparisons.append(_compare(phase, t, f, "output", outs[name], got, dtype, True))
-        return y_t, y_f, state
+        return y_t
 
     with torch.no_grad():
-        outputs("eval", variables, False)
+        outputs("eval", side, False)
     if not train_step:
         return rep
 
     # one training step on both sides: loss = sum(logits * g)
-    y_t, y_f, state = outputs("train", variables, True)
+    y_t = outputs("train", side, True)
     g = np.random.default_rng(seed).standard_normal(tuple(y_t.shape))
     tm.zero_grad()
     (y_t * torch.from_numpy(g).to(y_t.dtype)).sum().backward()
@@ -225,28 +321,17 @@ def find_divergence(
         for p in tm.parameters():
             if p.grad is not None:
                 p -= lr * p.grad
-    new_stats = state.get("batch_stats", variables.get("batch_stats", {}))
+    # the training forward above updated tm's running statistics once, as the Flax step does
     gf = jnp.asarray(g if g.ndim < 3 else np.moveaxis(g, 1, -1))
-
-    def loss(params: Any) -> Any:
-        out, _ = flax_model.apply({**variables, "params": params}, xf, mutable=["batch_stats"], **train_kwargs)
-        return jnp.sum(out * gf)
-
-    grads = jax.grad(loss)(variables["params"])
-    params = jax.tree_util.tree_map(lambda p, d: p - lr * d, variables["params"], grads)
-    new_vars = {**variables, "params": params, "batch_stats": new_stats}
+    new_side = side.step(xf, gf, lr)
 
     # updated parameters and statistics, layer by layer (PyTorch's converted to the Flax layout)
-    ported = convert.torch_to_flax(tm, new_vars, mapping)
+    ported = {ly.name: ly for ly in new_side.ported(tm, mapping)}
+    mine = {ly.name: ly for ly in new_side.layers()}
     for t, f in pairs:
-        path = tuple(f.name.split("/")) if f.name else ()
-        for leaf in sorted(f.arrays):
-            col = "batch_stats" if leaf in ("mean", "var", "count") else "params"
-            a, b = ported[col], new_vars[col]
-            for p in path:
-                a, b = a[p], b[p]
-            rep.comparisons.append(_compare("after-step", t, f, leaf, np.asarray(a[leaf]), np.asarray(b[leaf]), dtype,
-                                            False))
+        a, b = ported[f.name].arrays, mine[f.name].arrays
+        for leaf in sorted(b):
+            rep.comparisons.append(_compare("after-step", t, f, leaf, a[leaf], b[leaf], dtype, False))
     with torch.no_grad():
-        outputs("eval-after-step", new_vars, False)
+        outputs("eval-after-step", new_side, False)
     return rep
