@@ -153,3 +153,12 @@ def test_fold_checks_main(capsys: pytest.CaptureFixture[str]) -> None:
     assert FC.main(["--dtype", "float32"]) == 0
     out = capsys.readouterr().out
     assert out.count("pass") == 4 and "fuse_conv_bn_eval" in out and "onnxruntime" in out
+
+
+def test_markdown_table() -> None:
+    rows = [{"row": "r1", "dtype": "float32", "units": {"y": 0.5}, "error": None, "skip": None, "passed": True},
+            {"row": "r1", "dtype": "float16", "units": {"y": 2.0}, "error": None, "skip": None, "passed": False},
+            {"row": "r2", "dtype": "float32", "units": {}, "error": None, "skip": "x is not installed", "passed": False}]
+    md = FC.markdown_table(rows)
+    assert "| `r1` | pass 0.5 | **FAIL** 2 |" in md
+    assert "| `r2` | skip (x is not installed) | - |" in md

@@ -14,7 +14,7 @@ Rows: ``torch.nn.utils.fusion.fuse_conv_bn_eval``; ONNX Runtime's Conv+BatchNorm
 weights, against ``ORT_DISABLE_ALL``); and bn-ref's own ``fold_torch`` and ``fold_jax``.
 
 ``python -m bn_ref.porting.fold_checks`` prints the table; :func:`run_all` returns the rows as dicts
-(the hook for the conformance matrix).
+and :func:`markdown_table` renders them (the hook for the conformance matrix).
 """
 
 from __future__ import annotations
@@ -254,6 +254,29 @@ def run_row(name: str, dtype: str) -> FoldResult:
 def run_all(dtypes: Sequence[str] = DTYPES, rows: Sequence[str] | None = None) -> list[dict[str, Any]]:
     """Every row at every dtype, as dicts ``{row, dtype, units, error, skip, passed}``."""
     return [run_row(r, d).as_dict() for r in (rows or list(ROWS)) for d in dtypes]
+
+
+def _cell(r: dict[str, Any], markdown: bool) -> str:
+    if r["skip"]:
+        return f"skip ({r['skip']})"
+    if r["error"]:
+        return ("**ERROR**" if markdown else "ERROR") + f" {r['error']}"
+    worst = max(r["units"].values())
+    label = "pass" if r["passed"] else ("**FAIL**" if markdown else "FAIL")
+    return f"{label} {worst:.2g}"
+
+
+def markdown_table(results: Sequence[dict[str, Any]]) -> str:
+    """The fold rows as a Markdown table (row x dtype, worst units per cell), for the conformance report."""
+    dtypes = list(dict.fromkeys(r["dtype"] for r in results))
+    rows = list(dict.fromkeys(r["row"] for r in results))
+    cell = {(r["row"], r["dtype"]): _cell(r, True) for r in results}
+    lines = ["### Folding BN into the preceding layer (spec §12)", "",
+             "Fused weight and bias against the oracle's fold (§12.3 bound) and the fused layer's output against the "
+             "unfolded oracle (§8.4); worst of the checks in units of the bound.", "",
+             "| row | " + " | ".join(dtypes) + " |", "|---|" + "---|" * len(dtypes)]
+    lines += [f"| `{row}` | " + " | ".join(cell.get((row, d), "-") for d in dtypes) + " |" for row in rows]
+    return "\n".join(lines) + "\n"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
