@@ -23,7 +23,7 @@ STEPS = 3
 
 
 def test_pair_count() -> None:
-    assert len(PAIRS) == 6 * 7
+    assert len(PAIRS) == 6 * 8
     # a preset as target means its framework row
     for p, row in T.PRESET_ROW.items():
         assert bn_ref.translate("pytorch", p).target == row
@@ -147,7 +147,18 @@ def _run_d2l(kwargs, xs, gamma, beta):
     return ys, mm.reshape(-1).numpy(), mv.reshape(-1).numpy()
 
 
-RUNNERS = {"torch.nn": _run_torch, "flax.linen": _run_linen, "flax.nnx": _run_nnx, "keras": _run_keras,
+def _run_functional(kwargs, xs, gamma, beta):
+    torch = pytest.importorskip("torch")
+    import torch.nn.functional as F
+
+    rm, rv = torch.zeros(3), torch.ones(3)
+    w, b = torch.from_numpy(gamma), torch.from_numpy(beta)
+    ys = [F.batch_norm(torch.from_numpy(x), rm, rv, w, b, training=True, **kwargs).numpy() for x in xs[:-1]]
+    ys.append(F.batch_norm(torch.from_numpy(xs[-1]), rm, rv, w, b, training=False, **kwargs).numpy())
+    return ys, rm.numpy(), rv.numpy()
+
+
+RUNNERS = {"torch.nn": _run_torch, "torch.nn.functional": _run_functional, "flax.linen": _run_linen, "flax.nnx": _run_nnx, "keras": _run_keras,
            "onnx": _run_onnx, "d2l": _run_d2l}
 
 
@@ -157,7 +168,7 @@ def test_translation_runs_as_claimed(source: str, target: str) -> None:
     src = bn_ref.PRESETS[source]
     assert t.call and str(t).count("\n") >= 2
     # momentum in the target's spelling (§3.5): the batch weight is preserved
-    if target in ("torch.nn",):
+    if target in ("torch.nn", "torch.nn.functional"):
         assert t.kwargs["momentum"] == pytest.approx(src.momentum_spelled("batch"), abs=1e-12)
     elif "momentum" in t.kwargs:
         assert t.kwargs["momentum"] == pytest.approx(src.momentum_spelled("running"), abs=1e-12)

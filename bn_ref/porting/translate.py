@@ -12,7 +12,7 @@ Command line::
 
     python -m bn_ref.porting.translate --from pytorch --to keras [--eps 1e-3] [--momentum 0.05] [--axis -1]
 
-Framework rows (targets and sources): ``torch.nn`` (preset pytorch), ``flax.linen`` and
+Framework rows (targets and sources): ``torch.nn`` and ``torch.nn.functional`` (preset pytorch), ``flax.linen`` and
 ``flax.nnx`` (flax), ``keras`` (Keras 3; keras), ``tf.keras`` (Keras 2 / TF 2.x; tf_fused on its
 fused path, keras on the non-fused one), ``onnx`` (onnx), ``d2l`` (the book's classic layer; d2l).
 A preset as target means its framework row.
@@ -49,6 +49,7 @@ class _Row:
 
 ROWS: dict[str, _Row] = {
     "torch.nn": _Row("torch.nn", "pytorch", "batch", None, ("unbiased",), True, "error"),
+    "torch.nn.functional": _Row("torch.nn.functional", "pytorch", "batch", None, ("unbiased",), True, "error"),
     "flax.linen": _Row("flax.linen", "flax", "running", "axis", ("biased",), False, "allow"),
     "flax.nnx": _Row("flax.nnx", "flax", "running", "axis", ("biased",), False, "allow"),
     "keras": _Row("keras", "keras", "running", "axis", ("biased",), False, "allow"),
@@ -62,7 +63,7 @@ PRESET_ROW = {"pytorch": "torch.nn", "flax": "flax.linen", "keras": "keras", "tf
               "onnx": "onnx", "d2l": "d2l"}
 """The framework row each preset reproduces (a preset as a target means this row)."""
 
-_ALIASES = {"torch": "torch.nn", "pytorch": "torch.nn", "linen": "flax.linen", "nnx": "flax.nnx",
+_ALIASES = {"torch": "torch.nn", "pytorch": "torch.nn", "f.batch_norm": "torch.nn.functional", "linen": "flax.linen", "nnx": "flax.nnx",
             "keras3": "keras", "tf_keras": "tf.keras", "tensorflow": "tf.keras", "onnxruntime": "onnx"}
 
 
@@ -162,7 +163,7 @@ def translate(
 
     Args:
         source: a preset name, a :class:`~bn_ref.Convention`, or a framework row (its default convention).
-        target: a framework row (``torch.nn``, ``flax.linen``, ``flax.nnx``, ``keras``, ``tf.keras``,
+        target: a framework row (``torch.nn``, ``torch.nn.functional``, ``flax.linen``, ``flax.nnx``, ``keras``, ``tf.keras``,
             ``onnx``, ``d2l``) or a preset name (its row).
         eps, momentum, axis: overrides of the source's values (``momentum=None``: cumulative average).
         num_features: the channel count to write into the call (a name or an int).
@@ -238,6 +239,19 @@ def translate(
         call = f"torch.nn.{cls}({cstr}, eps={_fmt(src.eps)}, momentum={_fmt(m)})"
         notes.append("train/eval with model.train()/model.eval()")
         exact_alt = f"bn_ref.torch.{cls}({cstr}, convention={_preset_or_literal(src)})"
+    elif tname == "torch.nn.functional":
+        kwargs = {"eps": src.eps, "momentum": m}
+        if m is None:
+            mom = "1.0 / (count + 1)"
+            notes.append("F.batch_norm has no step counter: pass momentum=1/(count+1) with count the training steps "
+                         "already taken (the cumulative average, spec §3.3)")
+        else:
+            mom = _fmt(m)
+        call = (f"torch.nn.functional.batch_norm(x, running_mean, running_var, weight, bias, training=train, "
+                f"momentum={mom}, eps={_fmt(src.eps)})")
+        notes.append("running_mean/running_var are updated in place in training")
+        exact_alt = (f"bn_ref.torch.batch_norm(x, running_mean, running_var, weight, bias, training=train, "
+                     f"convention={_preset_or_literal(src)})")
     elif tname in ("flax.linen", "flax.nnx"):
         kwargs = {"axis": ax, "momentum": m, "epsilon": src.eps, "use_fast_variance": False}
         args = f"axis={ax}, momentum={_fmt(m)}, epsilon={_fmt(src.eps)}, use_fast_variance=False"
