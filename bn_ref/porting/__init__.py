@@ -9,7 +9,8 @@
 * :mod:`bn_ref.porting.translate` -- the target framework's constructor that reproduces a
   source convention (also ``bn_ref.translate``);
 * :mod:`bn_ref.porting.fold` -- folding an eval-mode BN into the preceding conv/dense layer
-  (``docs/spec.md`` §12; also ``bn_ref.fold``).
+  (``docs/spec.md`` §12; also ``bn_ref.fold``), and :mod:`bn_ref.porting.fold_checks`, the fold
+  conformance rows (PyTorch's ``fuse_conv_bn_eval``, ONNX Runtime's Conv+BN fusion).
 
 Submodules import their framework (torch, jax, flax) on demand.
 """
@@ -19,7 +20,7 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-__all__ = ["convert", "divergence", "translate", "fold"]
+__all__ = ["convert", "divergence", "translate", "fold", "fold_checks"]
 
 
 def __getattr__(name: str) -> Any:

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 
@@ -734,11 +734,6 @@ def flax_to_torch(
     if missing_keys:
         raise ValueError(f"PyTorch keys left without a source: {missing_keys}")
     return {k: out[k] for k in template}
-
-
-def iter_pairs(report: PortReport) -> Iterable[tuple[str, str, str]]:
-    """The (PyTorch name, Flax path, kind) pairs of a finished port."""
-    return iter(report.pairs)
 
 
 # -- command line ------------------------------------------------------------------------------
