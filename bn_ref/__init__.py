@@ -25,10 +25,16 @@ __all__ = [
     "__version__",
 ]
 
-_LAZY = {"oracle", "tolerances", "torch", "jax", "flax", "conformance", "port", "data", "training", "d2l_scratch", "variants"}
+_LAZY = {"oracle", "tolerances", "torch", "jax", "flax", "conformance", "port", "data", "training", "d2l_scratch",
+         "porting", "variants"}
+_LAZY_FUNCTIONS = {"translate": "porting.translate", "fold": "porting.fold"}
+"""Functions importable as ``bn_ref.<name>`` on first use: ``bn_ref.translate(source, target)``
+(``docs/spec.md`` §3.5, §9) and ``bn_ref.fold(layer, bn)`` (§12)."""
 
 
 def __getattr__(name: str) -> Any:
     if name in _LAZY:
         return importlib.import_module(f".{name}", __name__)
+    if name in _LAZY_FUNCTIONS:
+        return getattr(importlib.import_module(f".{_LAZY_FUNCTIONS[name]}", __name__), name)
     raise AttributeError(f"module 'bn_ref' has no attribute {name!r}")
