@@ -5,6 +5,8 @@
                                  [--max-examples N] [--strict]
     python -m bn_ref.conformance export-vectors DIR [-k EXPR]
     python -m bn_ref.conformance check-vectors DIR [--expect-digest SHA256]
+    python -m bn_ref.conformance identify --adapter MOD:FACTORY     (which Convention a BN follows)
+    python -m bn_ref.conformance facts [--check docs/spec.md]       (the executed §9 table)
 
 The default ledger is the one shipped in the package (``bn_ref/conformance/ledger.toml``). The JSON
 report records ``spec_version``, the version of ``docs/spec.md`` the matrix checks against.
@@ -83,7 +85,8 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m bn_ref.conformance",
         description="Check Batch Normalization implementations against the bn-ref oracle. "
-        "Subcommands: export-vectors DIR, check-vectors DIR (see --help of each).",
+        "Subcommands: export-vectors DIR, check-vectors DIR, identify --adapter MOD:FACTORY, facts "
+        "(see --help of each).",
     )
     p.add_argument("--json", metavar="PATH", help="write the JSON report here")
     p.add_argument("--markdown", metavar="PATH", help="write the Markdown report (docs/conformance.md) here")
@@ -224,7 +227,14 @@ def run(argv: Sequence[str]) -> int:
     rep = _report.build_report(results, ledger, command=command.strip(), selection=args.k, wall_s=wall,
                                ledger_path=_display_path(ledger_path), explained=explained, factories=factory_of)
     rep = {"spec_version": SPEC_VERSION, **rep}  # type: ignore[assignment]  # the docs/spec.md version checked
+    if not args.adapter and not args.list_adapters:
+        _add_fold_rows(rep, progress)
     print(_report.render_console(rep))
+    if rep.get("fold"):
+        fold = rep["fold"]
+        skipped = sum(1 for r in fold if r["skip"])
+        passed = sum(1 for r in fold if not r["skip"] and not r["error"] and r["passed"])
+        print(f"fold rows (spec §12): {passed} pass, {len(fold) - passed - skipped} fail or error, {skipped} skipped")
     if args.json:
         _report.write_text(args.json, json.dumps(rep, indent=1, default=str) + "\n")
         progress(f"wrote {args.json}")
@@ -280,6 +290,22 @@ def _display_path(path: str | None) -> str | None:
     return path if rel.startswith("..") else rel
 
 
+def _add_fold_rows(rep: Any, progress: Callable[[str], None]) -> None:
+    """The built-in run also checks BN folding (spec §12): PyTorch's and ONNX Runtime's fusions and
+    bn-ref's folds, each dtype a row; a failing or erroring fold row is an unexpected result."""
+    try:
+        from ..porting.fold_checks import run_all
+    except ModuleNotFoundError as exc:  # a framework of the fold rows is not installed
+        progress(f"fold rows skipped: {exc}")
+        return
+    progress("fold rows (spec §12)")
+    fold = run_all()
+    rep["fold"] = fold
+    bad = [r for r in fold if r["error"] or (not r["skip"] and not r["passed"])]
+    if bad:
+        rep["unexpected"] = int(rep["unexpected"]) + len(bad)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point: the matrix run, or the ``export-vectors`` / ``check-vectors`` subcommands."""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -288,6 +314,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             from . import vectors
 
             return vectors.main(argv)
+        if argv and argv[0] == "identify":
+            from . import identify
+
+            return identify.main(argv[1:])
+        if argv and argv[0] == "facts":
+            from . import facts
+
+            return facts.main(argv[1:])
         return run(argv)
     except KeyboardInterrupt:
         print("\ninterrupted (Ctrl-C): no report written", file=sys.stderr)

@@ -606,7 +606,13 @@ _MD_SECTIONS = (_md_header, _md_matrix, _md_findings, _md_deviations, _md_failur
 
 def render_markdown(report: Report) -> str:
     """``docs/conformance.md``: the evidence table for the conventions of ``docs/spec.md`` §9."""
-    return "\n".join(line for section in _MD_SECTIONS for line in section(report))
+    text = "\n".join(line for section in _MD_SECTIONS for line in section(report))
+    fold = report.get("fold")  # type: ignore[misc]  # the built-in run's fold rows (spec §12)
+    if fold:
+        from ..porting.fold_checks import markdown_table
+
+        text = text.rstrip("\n") + "\n\n" + markdown_table(fold)
+    return text
 
 
 def write_text(path: str, text: str) -> None:
