@@ -115,7 +115,9 @@ def test_convnet_torch_to_linen_and_back() -> None:
     variables = convert.torch_to_flax(tm, template, report=report)
     assert [k for _, _, k in report.pairs] == ["conv", "bn", "conv", "bn", "dense"]
     assert any("flatten" in n for n in report.notes)
-    assert int(variables["batch_stats"]["BatchNorm_0"]["count"]) == 3
+    # bn-ref's Flax layers keep a step counter only for momentum=None, so the counter is not carried.
+    assert "count" not in variables["batch_stats"]["BatchNorm_0"]
+    assert any("no counter" in n for n in report.notes)
     with torch.no_grad():
         y_t = tm(torch.from_numpy(x)).numpy()
     y_f = _linen_eval(fm, variables, pm.nchw_to_nhwc(x))
@@ -128,6 +130,9 @@ def test_convnet_torch_to_linen_and_back() -> None:
     tm2.load_state_dict(sd, strict=True)
     tm2.eval()
     for k, v in tm.state_dict().items():
+        if k.endswith("num_batches_tracked"):  # not carried through a layer without a counter (see above)
+            assert int(sd[k]) == 0 and int(v) == 3
+            continue
         np.testing.assert_array_equal(sd[k].numpy(), v.numpy(), err_msg=k)
     with torch.no_grad():
         assert_close(tm2(torch.from_numpy(x)).numpy(), y_t, "float32", what="round trip")
@@ -164,7 +169,7 @@ def test_convnet_torch_to_nnx_and_back() -> None:
     fm = pm.nnx_convnet(convention="pytorch")
     fm.eval()
     convert.torch_to_flax(tm, fm)
-    assert int(fm.bn2.count[...]) == 3
+    assert not hasattr(fm.bn2, "count")  # a counter exists only for momentum=None
     x = _x((4, 3, 8, 8))
     with torch.no_grad():
         y_t = tm(torch.from_numpy(x)).numpy()
@@ -302,6 +307,11 @@ def test_lenet_is_one_use_of_the_generic_port(bn: str) -> None:
     theirs = port.torch_to_flax(tm.state_dict())
     flat_ours = jax.tree_util.tree_leaves_with_path(ours)
     flat_theirs = dict(jax.tree_util.tree_leaves_with_path(theirs))
+    # The LeNet port also carries num_batches_tracked as `count` (the linen layer keeps counting a count
+    # the variables hold); the generic converter follows the template, whose layers have no counter.
+    extra = {k for k in flat_theirs if str(k[-1]) == "['count']"}
+    assert extra == {k for k in flat_theirs if k not in dict(flat_ours)}
+    flat_theirs = {k: v for k, v in flat_theirs.items() if k not in extra}
     assert len(flat_ours) == len(flat_theirs) > 0
     for path, leaf in flat_ours:
         np.testing.assert_array_equal(leaf, flat_theirs[path], err_msg=str(path))
@@ -309,4 +319,7 @@ def test_lenet_is_one_use_of_the_generic_port(bn: str) -> None:
     ref = port.flax_to_torch(theirs)
     assert list(sd) == list(ref)
     for k in sd:
+        if k.endswith("num_batches_tracked"):  # only the LeNet port's variables held the counter
+            assert int(sd[k]) == 0
+            continue
         assert torch.equal(sd[k], ref[k]), k
