@@ -352,3 +352,19 @@ def test_train_api_raises_documented_errors(tmp_path):
     (tmp_path / "r" / "checkpoint.npz").write_bytes(b"PK\x03\x04garbage")
     with pytest.raises(CheckpointError, match="corrupt or truncated"):
         train(config, log=lambda line: None)
+
+
+def test_ctrl_c_before_the_first_epoch_names_the_checkpoint_epoch(one_epoch_run, tmp_path, monkeypatch, capsys):
+    from bn_ref.apps.training import loop
+
+    def interrupted(config):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(loop, "make_trainer", interrupted)
+    out = _copy_run(one_epoch_run, tmp_path / "run")
+    before = _snapshot(out)
+    code, err, _ = _run(["train", *BASE, "--epochs", "3", "--resume", "--out", str(out)], capsys)
+    assert code == 130 and len(err) == 1 and "the last saved epoch is 1" in err[0], err
+    code, err, _ = _run(["train", *BASE, "--epochs", "3", "--out", str(tmp_path / "fresh")], capsys)
+    assert code == 130 and len(err) == 1 and "before any epoch was saved" in err[0], err
+    assert _snapshot(out) == before and not (tmp_path / "fresh").exists()

@@ -159,15 +159,20 @@ def train(config: TrainConfig, *, log: Log | None = None) -> dict[str, Any]:
 
         return launch(config, log)
     ckpt = read_resume_checkpoint(config) if config.resume else None
-    raw, ds = load_raw(config)  # raises DataError before anything is written
-    log(ds.describe())
-    settings = trajectory_settings(config, ds.md5)
-    if ckpt is not None:
-        check_resume_settings(config, ckpt, settings, log)
-    if ckpt is not None and ckpt.epoch >= config.epochs:
-        return report_nothing_to_do(config, ckpt, log)
-    trainer = make_trainer(config)
-    return run_loop(config, trainer, as_float(raw), settings, log, resume_from=ckpt)
+    try:
+        raw, ds = load_raw(config)  # raises DataError before anything is written
+        log(ds.describe())
+        settings = trajectory_settings(config, ds.md5)
+        if ckpt is not None:
+            check_resume_settings(config, ckpt, settings, log)
+        if ckpt is not None and ckpt.epoch >= config.epochs:
+            return report_nothing_to_do(config, ckpt, log)
+        trainer = make_trainer(config)
+        return run_loop(config, trainer, as_float(raw), settings, log, resume_from=ckpt)
+    except TrainingInterrupted:
+        raise
+    except KeyboardInterrupt:  # before the first epoch of this run finished
+        raise TrainingInterrupted(ckpt.epoch if ckpt is not None else 0, checkpoint_path(config)) from None
 
 
 def _framework() -> dict[str, str]:
