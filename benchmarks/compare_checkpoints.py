@@ -1,6 +1,6 @@
 """Compare two LeNet-BN training checkpoints tensor by tensor (e.g. data-parallel vs single-device).
 
-    python benchmarks/compare_checkpoints.py runs/single/checkpoint.pkl runs/ddp2/checkpoint.pkl
+    python benchmarks/compare_checkpoints.py runs/single/checkpoint.npz runs/ddp2/checkpoint.npz
 
 For each parameter and running statistic it prints max|a - b| in units of the bound
 ``1e-5 + 1e-4 * max|b|`` used by tests/test_training_parallel.py, worst first, and the two runs'
@@ -9,23 +9,20 @@ per-epoch accuracies. Both checkpoints must come from the same backend.
 
 from __future__ import annotations
 
-import pickle
 import sys
 
 import numpy as np
 
+from bn_ref.apps.training.checkpoint import CheckpointError, read_checkpoint
+
 
 def flat_state(path: str) -> tuple[str, dict[str, np.ndarray], list[dict]]:
-    ckpt = pickle.loads(open(path, "rb").read())
-    backend, state = ckpt["config"]["backend"], ckpt["state"]
-    if backend == "torch":
-        tensors = {k: v.detach().cpu().numpy() for k, v in state["model"].items()}
-    else:
-        import jax
-
-        leaves = jax.tree_util.tree_flatten_with_path({"params": state["params"], "stats": state["stats"]})[0]
-        tensors = {jax.tree_util.keystr(k): np.asarray(v) for k, v in leaves}
-    return backend, tensors, ckpt["epochs"]
+    try:
+        ckpt = read_checkpoint(path)
+    except CheckpointError as exc:
+        sys.exit(str(exc))
+    tensors = {k: v for k, v in ckpt.arrays.items() if not k.startswith("opt/")}
+    return ckpt.header["config"]["backend"], tensors, ckpt.header["epochs"]
 
 
 def main(a_path: str, b_path: str) -> None:

@@ -1,6 +1,6 @@
 """Throughput of the LeNet-BN training loop (images/s), both backends, ``--bn ref`` vs ``native``.
 
-Measures the training loop of :mod:`bn_ref.training` itself (data resident on the device, metrics
+Measures the training loop of :mod:`bn_ref.apps.training` itself (data resident on the device, metrics
 on the device, one host read per epoch) on synthetic Fashion-MNIST-shaped data, so it runs
 anywhere; the figure is the steady state after ``--warmup`` epochs (compilation excluded).
 
@@ -19,15 +19,15 @@ import time
 
 import numpy as np
 
-from bn_ref.training import TrainConfig, epoch_permutation
+from bn_ref.apps.training import TrainConfig, epoch_permutation
 
 
 def measure(backend: str, bn: str, batch_size: int, device: str, images: int, epochs: int, warmup: int) -> dict:
     cfg = TrainConfig(backend=backend, bn=bn, batch_size=batch_size, device=device, progress=False, lr=0.1)
     if backend == "torch":
-        from bn_ref.training._torch import Trainer
+        from bn_ref.apps.training.torch_backend import Trainer
     else:
-        from bn_ref.training._flax import Trainer
+        from bn_ref.apps.training.flax_backend import Trainer
     rng = np.random.default_rng(0)
     xtr = rng.random((images, 28, 28), dtype=np.float32)
     ytr = rng.integers(0, 10, images).astype(np.int32)

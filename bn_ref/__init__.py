@@ -25,7 +25,7 @@ __all__ = [
     "__version__",
 ]
 
-_LAZY = {"oracle", "tolerances", "torch", "jax", "flax", "conformance", "port", "data", "training", "d2l_scratch",
+_LAZY = {"oracle", "tolerances", "torch", "jax", "flax", "conformance", "apps", "d2l_scratch",
          "porting", "variants"}
 _LAZY_FUNCTIONS = {"translate": "porting.translate", "fold": "porting.fold"}
 """Functions importable as ``bn_ref.<name>`` on first use: ``bn_ref.translate(source, target)``

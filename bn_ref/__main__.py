@@ -1,8 +1,9 @@
 """The ``bn-ref`` command (also ``python -m bn_ref``): one subcommand per job.
 
     bn-ref conformance [ARGS...]   the conformance harness (same as ``python -m bn_ref.conformance``)
-    bn-ref train [ARGS...]         LeNet-BN on Fashion-MNIST (``bn_ref.training``)
-    bn-ref port [ARGS...]          LeNet-BN weights between PyTorch and Flax (``bn_ref.port``)
+    bn-ref train [ARGS...]         LeNet-BN on Fashion-MNIST (``bn_ref.apps.training``)
+    bn-ref port [ARGS...]          LeNet-BN weights between PyTorch and Flax (``bn_ref.apps.port``)
+    bn-ref convert-checkpoint ...  a 0.1 pickle checkpoint to the current format (``--trust-pickle``)
 
 Subcommands are argparse subparsers; later jobs (``train``, ``port``) register here the same way:
 each gets a parser whose remaining arguments are forwarded to its own ``main(argv) -> int``.
@@ -24,21 +25,28 @@ def _conformance(argv: Sequence[str]) -> int:
 
 
 def _train(argv: Sequence[str]) -> int:
-    from .training.cli import train_main
+    from .apps.cli import train_main
 
     return train_main(argv)
 
 
 def _port(argv: Sequence[str]) -> int:
-    from .training.cli import port_main
+    from .apps.cli import port_main
 
     return port_main(argv)
+
+
+def _convert(argv: Sequence[str]) -> int:
+    from .apps.cli import convert_main
+
+    return convert_main(argv)
 
 
 SUBCOMMANDS: dict[str, tuple[Callable[[Sequence[str]], int], str]] = {
     "conformance": (_conformance, "check BN implementations against the oracle (see python -m bn_ref.conformance -h)"),
     "train": (_train, "train LeNet-BN on Fashion-MNIST in PyTorch or Flax (see bn-ref train -h)"),
     "port": (_port, "convert a LeNet-BN checkpoint between PyTorch and Flax (see bn-ref port -h)"),
+    "convert-checkpoint": (_convert, "convert a bn-ref 0.1 pickle checkpoint to the current format (see -h)"),
 }
 """name -> (entry point taking the remaining argv, one-line help)."""
 

@@ -60,7 +60,9 @@ API_MODULES = [
     ("bn_ref.jax", "JAX backend"),
     ("bn_ref.flax", "Flax backend"),
     ("bn_ref.conformance", "Conformance harness"),
-    ("bn_ref.port", "Porting helpers"),
+    ("bn_ref.variants", "BN variants (NumPy)"),
+    ("bn_ref.porting", "Porting: convert, divergence, translate, fold"),
+    ("bn_ref.apps.port", "LeNet-BN porting"),
 ]
 
 

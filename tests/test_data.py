@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from bn_ref import data
+from bn_ref.apps import data
 
 SUBSET = Path(__file__).parent / "data" / "fashion-mnist-subset"
 SUBSET_SUMS = json.loads((SUBSET / "md5sums.json").read_text())
@@ -96,7 +96,7 @@ def test_truncated_idx_without_checksum_is_caught_by_the_header(isolated, tmp_pa
 
 def test_missing_data_offline_names_package_and_cache(isolated):
     with pytest.raises(data.DataError) as info:
-        data.load_fashion_mnist(isolated / "empty", download_missing=False)
+        data.load_fashion_mnist(download_missing=False)
     msg = str(info.value)
     assert data.DEBIAN_PACKAGE in msg and str(data.cache_dir()) in msg
 
@@ -117,7 +117,50 @@ def test_search_order(isolated, monkeypatch, tmp_path):
     tv_root = tmp_path / "tv"
     raw = _copy_subset(tv_root / "FashionMNIST" / "raw")
     assert data.find_data_dir(tv_root) == raw
-    assert data.candidate_dirs(tv_root)[-1] == raw
+    assert data.candidate_dirs(tv_root) == [tv_root, raw]  # a named folder is the only source
+    assert data.candidate_dirs() == [tmp_path / "gone", data.cache_dir()]
+
+
+def test_named_folder_is_the_only_source(isolated, monkeypatch, tmp_path):
+    """--data-dir / BN_REF_DATA lacking files is an error naming the folder and the missing files,
+    even when Debian's folder and the cache hold the data (no silent fallback, no download)."""
+    monkeypatch.setattr(data, "DEBIAN_DIR", _copy_subset(tmp_path / "debian"))
+    _copy_subset(data.cache_dir())
+    partial = _copy_subset(tmp_path / "partial")
+    (partial / "t10k-labels-idx1-ubyte.gz").unlink()
+    (partial / "train-images-idx3-ubyte.gz").unlink()
+    before = sorted(p.name for p in partial.iterdir())
+    with pytest.raises(data.DataError) as info:
+        data.load_fashion_mnist(partial, checksums=SUBSET_SUMS)
+    msg = str(info.value)
+    assert str(partial) in msg and "--data-dir" in msg and "\n" not in msg
+    assert "train-images-idx3-ubyte" in msg and "t10k-labels-idx1-ubyte" in msg
+    assert "train-labels-idx1-ubyte" not in msg
+    assert sorted(p.name for p in partial.iterdir()) == before  # nothing downloaded into it
+    monkeypatch.setenv("BN_REF_DATA", str(tmp_path / "nonexistent"))
+    with pytest.raises(data.DataError, match=r"BN_REF_DATA .*nonexistent: no such folder"):
+        data.load_fashion_mnist(checksums=SUBSET_SUMS)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    monkeypatch.setenv("BN_REF_DATA", str(empty))
+    with pytest.raises(data.DataError, match="BN_REF_DATA .*empty: missing train-images-idx3-ubyte, train-labels"):
+        data.load_fashion_mnist(checksums=SUBSET_SUMS)
+    monkeypatch.setenv("BN_REF_DATA", str(partial))  # --data-dir wins over BN_REF_DATA
+    ds = data.load_fashion_mnist(SUBSET, checksums=SUBSET_SUMS)
+    assert ds.source == SUBSET
+
+
+def test_dataset_records_files_and_checksums(isolated):
+    ds = data.load_fashion_mnist(SUBSET, download_missing=False, checksums=SUBSET_SUMS)
+    assert [p.name for p in ds.files] == [f"{n}.gz" for n in data.FILES.values()]
+    for name in data.FILES.values():  # the recorded MD5 is the decompressed content's, computed here independently
+        assert ds.md5[name] == hashlib.md5(_decompressed(name)).hexdigest() == SUBSET_SUMS[name]
+    assert ds.verified
+    line = ds.describe()
+    assert "\n" not in line and str(SUBSET) in line and "MD5 checksums" in line and "match" in line
+    assert all(f"{n}.gz" in line for n in data.FILES.values())
+    unchecked = data.load_fashion_mnist(SUBSET, download_missing=False, checksums=SUBSET_SUMS, verify=False)
+    assert not unchecked.verified and "NOT verified" in unchecked.describe()
 
 
 class _Response(io.BytesIO):
@@ -141,7 +184,7 @@ def test_download_verifies_then_renames(isolated, monkeypatch):
         return _Response((SUBSET / name).read_bytes())
 
     monkeypatch.setattr(data.urllib.request, "urlopen", fake_urlopen)
-    ds = data.load_fashion_mnist(isolated / "nowhere", checksums=SUBSET_SUMS)
+    ds = data.load_fashion_mnist(checksums=SUBSET_SUMS)  # no folder named: the standard places, then download
     assert sorted(served) == sorted(f"{n}.gz" for n in data.FILES.values())
     assert ds.source == data.cache_dir()
     assert sorted(p.name for p in data.cache_dir().iterdir()) == sorted(f"{n}.gz" for n in data.FILES.values())
@@ -156,7 +199,7 @@ def test_download_with_bad_checksum_leaves_nothing(isolated, monkeypatch):
 
     monkeypatch.setattr(data.urllib.request, "urlopen", fake_urlopen)
     with pytest.raises(data.DataError, match="MD5"):
-        data.load_fashion_mnist(isolated / "nowhere", checksums=SUBSET_SUMS)
+        data.load_fashion_mnist(checksums=SUBSET_SUMS)
     assert list(data.cache_dir().iterdir()) == []
 
 
@@ -166,7 +209,7 @@ def test_download_failure_offline_names_package(isolated, monkeypatch):
 
     monkeypatch.setattr(data.urllib.request, "urlopen", offline)
     with pytest.raises(data.DataError, match=data.DEBIAN_PACKAGE):
-        data.load_fashion_mnist(isolated / "nowhere")
+        data.load_fashion_mnist()
 
 
 @pytest.mark.skipif(not data.DEBIAN_DIR.is_dir(), reason="Debian package dataset-fashion-mnist not installed")

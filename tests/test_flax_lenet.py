@@ -1,4 +1,4 @@
-"""bn_ref.flax.LeNet: shapes, bn-ref BN vs Flax's own BN in the same network, and the train step."""
+"""bn_ref.apps.lenet_flax.LeNet: shapes, bn-ref BN vs Flax's own BN in the same network, and the train step."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from bn_ref import PRESETS
-from bn_ref.flax import LeNet, create_train_state, native_batchnorm_kwargs, train_step
+from bn_ref.apps.lenet_flax import LeNet, create_train_state, native_batchnorm_kwargs, train_step
 
 
 @pytest.fixture()

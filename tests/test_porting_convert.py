@@ -290,13 +290,13 @@ def test_cli_any_state_dict_both_ways(tmp_path, capsys) -> None:
 
 @pytest.mark.parametrize("bn", ["ref", "none"])
 def test_lenet_is_one_use_of_the_generic_port(bn: str) -> None:
-    """The LeNet-specific bn_ref.port and the generic converter give the same variables (LeNet's
-    flatten of a (16, 4, 4) map is inferred), and the generic reverse equals bn_ref.port's."""
+    """The LeNet-specific bn_ref.apps.port and the generic converter give the same variables (LeNet's
+    flatten of a (16, 4, 4) map is inferred), and the generic reverse equals bn_ref.apps.port's."""
     import jax.numpy as jnp
 
-    from bn_ref import port
-    from bn_ref.flax import LeNet
-    from bn_ref.torch.lenet import lenet
+    from bn_ref.apps import port
+    from bn_ref.apps.lenet_flax import LeNet
+    from bn_ref.apps.lenet_torch import lenet
 
     tm = lenet(bn=bn, convention="pytorch")
     if bn == "ref":

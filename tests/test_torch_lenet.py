@@ -1,4 +1,4 @@
-"""bn_ref.torch.lenet: the d2l LeNet-BN with bn-ref's layer, torch.nn's, or none.
+"""bn_ref.apps.lenet_torch: the d2l LeNet-BN with bn-ref's layer, torch.nn's, or none.
 
 bn="ref" and bn="native" loaded with the same weights give the same outputs, gradients and
 running statistics in float64 (training steps, then eval), under every convention torch.nn BN
@@ -15,6 +15,7 @@ from torch import nn
 
 import bn_ref.torch as bnt
 from bn_ref import PRESETS, resolve, tolerances
+from bn_ref.apps.lenet_torch import lenet, native_batch_norm_kwargs
 
 HAS_CUDA = torch.cuda.is_available()
 DEVICES = [
@@ -36,7 +37,7 @@ def close(actual, expected, what):
 @pytest.mark.parametrize("bn", ["ref", "native", "none"])
 def test_shapes_and_layers(bn):
     torch.manual_seed(0)
-    net = bnt.lenet(bn)
+    net = lenet(bn)
     x = torch.randn(5, 1, 28, 28)
     shapes = []
     h = x
@@ -58,7 +59,7 @@ def test_shapes_and_layers(bn):
 
 
 def test_state_dict_keys_agree():
-    ref, native = bnt.lenet("ref"), bnt.lenet("native")
+    ref, native = lenet("ref"), lenet("native")
     assert list(ref.state_dict()) == list(native.state_dict())
     native.load_state_dict(ref.state_dict(), strict=True)
     ref.load_state_dict(native.state_dict(), strict=True)
@@ -66,7 +67,7 @@ def test_state_dict_keys_agree():
 
 def test_xavier_init_as_train_ch6():
     torch.manual_seed(1)
-    net = bnt.lenet("ref")
+    net = lenet("ref")
     for m in net:
         if isinstance(m, (nn.Conv2d, nn.Linear)):
             fan_in = m.weight[0].numel()
@@ -84,8 +85,8 @@ def test_xavier_init_as_train_ch6():
 def test_ref_and_native_agree_in_float64(convention, momentum, device):
     conv = PRESETS[convention] if momentum == "convention" else resolve(convention, momentum=None)
     torch.manual_seed(2)
-    native = bnt.lenet("native", conv, dtype=torch.float64, device=device)
-    ref = bnt.lenet("ref", conv, dtype=torch.float64, device=device)
+    native = lenet("native", conv, dtype=torch.float64, device=device)
+    ref = lenet("ref", conv, dtype=torch.float64, device=device)
     ref.load_state_dict(native.state_dict(), strict=True)
     for i in BN_INDICES:
         assert ref[i].feature_axis == 1 and ref[i].eps == native[i].eps == conv.eps
@@ -116,26 +117,26 @@ def test_ref_and_native_agree_in_float64(convention, momentum, device):
 
 
 def test_native_mapping():
-    assert bnt.native_batch_norm_kwargs("pytorch") == {"eps": 1e-5, "momentum": 0.1}
-    kw = bnt.native_batch_norm_kwargs("tf_fused")
+    assert native_batch_norm_kwargs("pytorch") == {"eps": 1e-5, "momentum": 0.1}
+    kw = native_batch_norm_kwargs("tf_fused")
     assert kw["eps"] == 1e-3 and kw["momentum"] == pytest.approx(0.01)
-    assert bnt.native_batch_norm_kwargs(resolve("pytorch", momentum=None)) == {"eps": 1e-5, "momentum": None}
-    net = bnt.lenet("native", "tf_fused")
+    assert native_batch_norm_kwargs(resolve("pytorch", momentum=None)) == {"eps": 1e-5, "momentum": None}
+    net = lenet("native", "tf_fused")
     assert net[1].momentum == pytest.approx(0.01) and net[1].eps == 1e-3
 
 
 @pytest.mark.parametrize("convention", NOT_EXPRESSIBLE)
 def test_native_rejects_biased_running_variance(convention):
     with pytest.raises(ValueError, match="biased running variance"):
-        bnt.lenet("native", convention)
-    net = bnt.lenet("ref", convention)  # bn-ref's layer expresses every convention, NCHW forced
+        lenet("native", convention)
+    net = lenet("ref", convention)  # bn-ref's layer expresses every convention, NCHW forced
     assert all(net[i].convention.running_var == "biased" and net[i].feature_axis == 1 for i in BN_INDICES)
     assert net(torch.rand(2, 1, 28, 28)).shape == (2, 10)
 
 
 def test_bad_bn_and_dtype_device():
     with pytest.raises(ValueError, match="bn must be one of"):
-        bnt.lenet("batchnorm")
-    net = bnt.lenet("ref", dtype=torch.float64, device="cpu")
+        lenet("batchnorm")
+    net = lenet("ref", dtype=torch.float64, device="cpu")
     assert all(t.dtype == torch.float64 for t in net.parameters())
     assert all(b.dtype in (torch.float64, torch.int64) for b in net.buffers())

@@ -30,6 +30,7 @@ from torch import nn
 
 import bn_ref.torch as bnt
 from bn_ref import DEFAULT, oracle, resolve
+from bn_ref.apps.lenet_torch import lenet
 from bn_ref.tolerances import assert_close
 
 WORLD_TIMEOUT_S = 120  # wall clock for a whole world (spawn, import torch, run, save)
@@ -182,7 +183,7 @@ def _error_case(kind: str, rank: int, world: int, device: str) -> dict[str, Any]
 def _lenet_dp(data: dict[str, Any], rank: int, world: int, device: str, splits: list[int]) -> dict[str, Any]:
     """LeNet (torch.nn BN) converted to SyncBatchNorm, one training step on this rank's slice."""
     torch.manual_seed(0)
-    net = bnt.lenet("native", dtype=torch.float64).to(device)
+    net = lenet("native", dtype=torch.float64).to(device)
     net = bnt.convert_sync_batchnorm(net)
     net.train()
     lo, hi = _offsets(splits, rank)
@@ -221,10 +222,10 @@ def _world_of_one(device: str) -> dict[str, Any]:
         res[conv] = rows
     for bn in ("ref", "native"):
         torch.manual_seed(0)
-        net = bnt.lenet(bn).to(device)
+        net = lenet(bn).to(device)
         conv_net = bnt.convert_sync_batchnorm(copy.deepcopy(net))
         # bn-ref's own layers with the same weights: what a converted torch.nn model must equal bit for bit
-        same = bnt.lenet("ref").to(device)
+        same = lenet("ref").to(device)
         same.load_state_dict(net.state_dict())
         x = torch.randn(4, 1, 28, 28, generator=torch.Generator().manual_seed(2)).to(device)
         res[f"lenet_{bn}"] = tuple(m(x).detach().cpu() for m in (net, conv_net, same))
@@ -392,7 +393,7 @@ def _check_errors(world: int, ranks: list[dict]) -> None:
 def _check_lenet_dp(data: dict[str, Any], ranks: list[dict]) -> None:
     """Data-parallel converted LeNet == single-process LeNet (torch.nn BN) on the global batch."""
     torch.manual_seed(0)
-    net = bnt.lenet("native", dtype=torch.float64)
+    net = lenet("native", dtype=torch.float64)
     net.train()
     out = net(data["lenet_x"])
     (out * data["lenet_dy"]).sum().backward()
@@ -496,7 +497,7 @@ def test_sync_state_dict_loads_both_ways_with_torch_nn() -> None:
 @pytest.mark.parametrize("bn", ["ref", "native"])
 def test_convert_sync_batchnorm_lenet_keeps_weights_and_outputs(bn: str) -> None:
     torch.manual_seed(0)
-    net = bnt.lenet(bn, dtype=torch.float64)
+    net = lenet(bn, dtype=torch.float64)
     net.train()
     x = torch.randn(4, 1, 28, 28, dtype=torch.float64)
     net(x)  # move the running statistics and num_batches_tracked off their initial values

@@ -4,8 +4,9 @@
   statistics updated in place in training;
 * :class:`BatchNorm` (any rank >= 2) and :class:`BatchNorm1d` / :class:`BatchNorm2d` /
   :class:`BatchNorm3d` (rank-checked like PyTorch's) -- drop-in replacements for
-  ``torch.nn.BatchNorm*d`` whose ``state_dict`` loads both ways, under any convention;
-* :func:`lenet` -- the d2l LeNet-BN with bn-ref's layer, PyTorch's, or none.
+  ``torch.nn.BatchNorm*d`` whose ``state_dict`` loads both ways, under any convention.
+
+The d2l LeNet-BN built on these layers is application code: :mod:`bn_ref.apps.lenet_torch`.
 
 Example::
 
@@ -29,7 +30,6 @@ from .functional import (
     normalize,
     update_running_,
 )
-from .lenet import lenet, native_batch_norm_kwargs
 from .modules import BatchNorm, BatchNorm1d, BatchNorm2d, BatchNorm3d
 from .sync import SyncBatchNorm, SyncBatchNormFunction, convert_sync_batchnorm, merge_statistics
 
@@ -49,9 +49,7 @@ __all__ = [
     "compute_dtype",
     "convert_sync_batchnorm",
     "inverse_std",
-    "lenet",
     "merge_statistics",
-    "native_batch_norm_kwargs",
     "normalize",
     "update_running_",
 ]

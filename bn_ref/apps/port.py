@@ -1,4 +1,4 @@
-"""Weight porting of LeNet-BN between PyTorch (``bn_ref.torch.lenet``) and Flax (``bn_ref.flax.LeNet``).
+"""Weight porting of LeNet-BN between PyTorch (:mod:`bn_ref.apps.lenet_torch`) and Flax (:mod:`bn_ref.apps.lenet_flax`).
 
 What changes between the two (``docs/spec.md`` §10):
 
@@ -16,6 +16,7 @@ variance between the biased and unbiased conventions is not exact after more tha
 (``docs/spec.md`` §3.5). ``bn="none"`` models port too (conv and dense layers only).
 
 Arrays come out as NumPy (Flax side) or ``torch.Tensor`` (PyTorch side) of the input dtype.
+:func:`read_weights` and :func:`write_weights` are the files of ``bn-ref port`` (none is unpickled).
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
-__all__ = ["LAYOUT", "torch_to_flax", "flax_to_torch"]
+__all__ = ["LAYOUT", "PortFileError", "flatten_variables", "flax_to_torch", "read_weights", "torch_to_flax", "write_weights"]
 
 # Flax submodule name -> (kind, PyTorch Sequential index with BN, index without BN)
 LAYOUT: tuple[tuple[str, str, int, int | None], ...] = (
@@ -63,10 +64,10 @@ def _torch_key(index: int, leaf: str) -> str:
 
 
 def torch_to_flax(state_dict: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
-    """A ``bn_ref.torch.lenet`` (or ``bn="native"``) state_dict as Flax LeNet variables.
+    """A :func:`bn_ref.apps.lenet_torch.lenet` (or ``bn="native"``) state_dict as Flax LeNet variables.
 
     Returns ``{"params": {...}, "batch_stats": {...}}`` (``batch_stats`` empty without BN), with
-    NumPy arrays; pass it to ``bn_ref.flax.LeNet(...).apply``.
+    NumPy arrays; pass it to ``bn_ref.apps.lenet_flax.LeNet(...).apply``.
 
     Raises:
         ValueError: the state_dict does not have the LeNet-BN layout (a missing or extra key, or
@@ -81,7 +82,7 @@ def torch_to_flax(state_dict: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
     def take(index: int, leaf: str) -> np.ndarray:
         key = _torch_key(index, leaf)
         if key not in state_dict:
-            raise ValueError(f"state_dict has no {key!r}: not a LeNet-BN state_dict of bn_ref.torch.lenet")
+            raise ValueError(f"state_dict has no {key!r}: not a LeNet-BN state_dict of bn_ref.apps.lenet_torch.lenet")
         used.add(key)
         return _np(state_dict[key])
 
@@ -122,7 +123,7 @@ def torch_to_flax(state_dict: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
 def flax_to_torch(variables: Mapping[str, Any]) -> dict[str, Any]:
     """Flax LeNet variables (``{"params": ..., "batch_stats": ...}``) as a PyTorch state_dict.
 
-    The result loads with ``strict=True`` into ``bn_ref.torch.lenet(bn=...)`` of the same kind
+    The result loads with ``strict=True`` into ``bn_ref.apps.lenet_torch.lenet(bn=...)`` of the same kind
     (and into ``bn="native"`` when the convention is ``pytorch``). A Flax-native BN without a
     ``count`` gives ``num_batches_tracked = 0``.
     """
@@ -144,7 +145,7 @@ def flax_to_torch(variables: Mapping[str, Any]) -> dict[str, Any]:
         if index is None:
             continue
         if name not in params:
-            raise ValueError(f"variables have no params/{name}: not a bn_ref.flax.LeNet")
+            raise ValueError(f"variables have no params/{name}: not a bn_ref.apps.lenet_flax.LeNet")
         p = params[name]
         if kind == "conv":
             out[_torch_key(index, "weight")] = tensor(np.asarray(p["kernel"]).transpose(3, 2, 0, 1))
@@ -169,3 +170,143 @@ def flax_to_torch(variables: Mapping[str, Any]) -> dict[str, Any]:
             count = int(np.asarray(s["count"])) if "count" in s else 0
             out[_torch_key(index, "num_batches_tracked")] = torch.tensor(count, dtype=torch.long)
     return out
+
+
+# -- files -------------------------------------------------------------------------------------
+#
+# What ``bn-ref port`` reads and writes. Nothing here unpickles a file of unknown origin: a bn-ref
+# checkpoint and a .npz are read with NumPy's pickle-free reader; a torch.save file only through
+# ``torch.load(weights_only=True)``, PyTorch's loader that admits tensors and plain containers
+# and refuses anything else; a raw pickle stream (a 0.1 checkpoint, a pickled Flax dict) is refused.
+
+
+class PortFileError(ValueError):
+    """A weights file ``bn-ref port`` cannot use (one line naming the file and the problem)."""
+
+
+_ZIP_MAGIC = b"PK\x03\x04"
+
+
+def _unflatten(flat: Mapping[str, np.ndarray]) -> dict[str, Any]:
+    tree: dict[str, Any] = {}
+    for name, value in flat.items():
+        node = tree
+        *parents, leaf = name.split("/")
+        for part in parents:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise PortFileError(f"array name {name!r} clashes with another array")
+        node[leaf] = value
+    return tree
+
+
+def flatten_variables(variables: Mapping[str, Any], prefix: str = "") -> dict[str, np.ndarray]:
+    """Nested Flax variables as ``{"params/conv1/kernel": array, ...}`` (the .npz layout port writes)."""
+    flat: dict[str, np.ndarray] = {}
+    for key, value in variables.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            flat.update(flatten_variables(value, name + "/"))
+        else:
+            flat[name] = np.asarray(value)
+    return flat
+
+
+def _from_flat(flat: Mapping[str, np.ndarray], backend: str, path: Any) -> Any:
+    if backend == "torch":
+        if flat and all(k.startswith("model/") for k in flat):
+            return {k[len("model/"):]: v for k, v in flat.items()}
+        return dict(flat)
+    variables = _unflatten({k: v for k, v in flat.items() if k.split("/", 1)[0] in ("params", "batch_stats")})
+    if "params" not in variables:
+        raise PortFileError(f"{path}: no params/... arrays: not Flax LeNet variables")
+    variables.setdefault("batch_stats", {})
+    return variables
+
+
+def read_weights(path: Any, backend: str) -> Any:
+    """The weights in ``path`` for ``backend``: a state_dict (torch) or ``{"params", "batch_stats"}`` (flax).
+
+    Accepts a ``bn-ref train`` checkpoint (``checkpoint.npz``) of that backend, a ``.npz`` of
+    arrays (state_dict keys, or ``params/...``/``batch_stats/...`` names as :func:`write_weights`
+    writes them), and for torch a ``torch.save`` file (read with ``weights_only=True``).
+
+    Raises:
+        PortFileError: anything else, with one line naming the file.
+    """
+    import io
+    import struct
+    import zipfile
+    import zlib
+    from pathlib import Path
+
+    from .training.checkpoint import CheckpointError, convert_hint, decode_checkpoint
+
+    path = Path(path)
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        raise PortFileError(f"{path}: no such file") from None
+    except OSError as exc:
+        raise PortFileError(f"{path}: cannot be read ({exc.strerror or exc})") from None
+    if not raw.startswith(_ZIP_MAGIC):
+        if raw[:1] == b"\x80":
+            raise PortFileError(
+                convert_hint(path) + " (a pickled Flax dict: save it with numpy.savez as params/... and "
+                "batch_stats/... arrays instead)"
+            )
+        raise PortFileError(f"{path}: not a bn-ref checkpoint, .npz or torch.save file")
+    broken = (zipfile.BadZipFile, OSError, ValueError, EOFError, KeyError, NotImplementedError, RuntimeError, struct.error,
+              zlib.error, MemoryError)
+    try:
+        names = zipfile.ZipFile(io.BytesIO(raw)).namelist()
+    except broken as exc:
+        raise PortFileError(f"{path}: corrupt or truncated archive ({exc})") from None
+    if "header.json" in names:
+        try:
+            ckpt = decode_checkpoint(raw, path)
+        except CheckpointError as exc:
+            raise PortFileError(str(exc)) from None
+        written_by = ckpt.header["config"].get("backend")
+        if written_by != backend:
+            raise PortFileError(f"{path} was written by a {written_by} run, not {backend}")
+        return _from_flat(ckpt.arrays, backend, path)
+    if any(n.endswith("data.pkl") for n in names):
+        if backend != "torch":
+            raise PortFileError(f"{path}: a torch.save file; use --from torch")
+        import torch
+
+        try:
+            obj = torch.load(io.BytesIO(raw), map_location="cpu", weights_only=True)
+        except Exception as exc:  # noqa: BLE001 - torch raises many types for bad files; all are one line here
+            detail = " ".join(str(exc).split())[:200]
+            raise PortFileError(f"{path}: torch.load(weights_only=True) refused it ({type(exc).__name__}: {detail})") from None
+        if not (isinstance(obj, Mapping) and all(isinstance(v, torch.Tensor) for v in obj.values())):
+            raise PortFileError(f"{path}: a torch.save file that is not a state_dict of tensors")
+        return dict(obj)
+    try:
+        with np.load(io.BytesIO(raw), allow_pickle=False) as z:
+            flat = {k: z[k] for k in z.files}
+    except broken as exc:
+        raise PortFileError(f"{path}: unreadable .npz ({' '.join(str(exc).split())[:200]})") from None
+    if not flat:
+        raise PortFileError(f"{path}: an empty .npz")
+    return _from_flat(flat, backend, path)
+
+
+def write_weights(path: Any, backend: str, weights: Any) -> None:
+    """Write ported weights atomically: flax -> ``.npz`` (``params/...``, ``batch_stats/...``);
+    torch -> ``torch.save`` of the state_dict. The folder must exist (nothing is created)."""
+    import io
+    from pathlib import Path
+
+    from .training.fileio import atomic_write_bytes
+
+    buf = io.BytesIO()
+    if backend == "flax":
+        np.savez(buf, **flatten_variables(weights))
+    else:
+        import torch
+
+        torch.save(weights, buf)
+    atomic_write_bytes(Path(path), buf.getvalue())

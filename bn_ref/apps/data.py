@@ -1,19 +1,23 @@
 """Fashion-MNIST from the standard IDX files, verified by the MD5 of their decompressed bytes.
 
-Where the files are looked for, in order (the first folder holding all four files wins):
+Where the files are looked for:
 
-1. ``data_dir`` (the CLI's ``--data-dir``), else the ``BN_REF_DATA`` environment variable;
-2. Debian's ``dataset-fashion-mnist`` package: ``/usr/share/datasets/fashion-mnist``;
-3. the user cache: ``~/.cache/bn_ref/fashion-mnist`` (``$XDG_CACHE_HOME`` respected);
-4. a torchvision-style ``FashionMNIST/raw`` folder under ``data_dir``.
+* when a folder is given -- ``data_dir`` (the CLI's ``--data-dir``), else the ``BN_REF_DATA``
+  environment variable -- that folder is the only source: the four files must be in it (or in a
+  torchvision-style ``FashionMNIST/raw`` folder inside it); missing files are a
+  :class:`DataError` naming the folder and the files, and nothing is downloaded;
+* otherwise, in order (the first folder holding all four files wins): Debian's
+  ``dataset-fashion-mnist`` package (``/usr/share/datasets/fashion-mnist``), then the user cache
+  ``~/.cache/bn_ref/fashion-mnist`` (``$XDG_CACHE_HOME`` respected); when neither has them and
+  ``download_missing=True``, the files are fetched from the dataset's official mirror into the
+  cache, each written to a temporary file and renamed only once its checksum matches.
 
 Each file may be plain or gzip-compressed (``name`` or ``name.gz``). Checksums are taken over the
-*decompressed* content, because repackaging (Debian's, for one) rewrites gzip headers. When no
-folder has the data and ``download=True``, the four files are fetched from the dataset's official
-mirror into the cache, each written to a temporary file and renamed only once its checksum matches.
+*decompressed* content, because repackaging (Debian's, for one) rewrites gzip headers.
 
 Arrays: images ``uint8 (N, 28, 28)``, labels ``uint8 (N,)``; :func:`to_float` scales images to
-``float32`` in [0, 1] as the book's ``ToTensor`` does.
+``float32`` in [0, 1] as the book's ``ToTensor`` does. :attr:`FashionMNIST.files` and
+:attr:`FashionMNIST.md5` record what was read; :meth:`FashionMNIST.describe` says it in one line.
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ import sys
 import tempfile
 import urllib.request
 import zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Mapping
 
@@ -41,6 +45,7 @@ __all__ = [
     "FashionMNIST",
     "cache_dir",
     "candidate_dirs",
+    "explicit_dir",
     "find_data_dir",
     "read_idx",
     "load_fashion_mnist",
@@ -80,6 +85,18 @@ class FashionMNIST:
     test_images: np.ndarray  # uint8 (10000, 28, 28)
     test_labels: np.ndarray  # uint8 (10000,)
     source: Path
+    files: tuple[Path, ...] = ()
+    """The four files read (train images, train labels, test images, test labels)."""
+    md5: Mapping[str, str] = field(default_factory=dict)
+    """MD5 of each file's decompressed content, by IDX name (e.g. ``train-images-idx3-ubyte``)."""
+    verified: bool = False
+    """True when every MD5 matched the expected checksum."""
+
+    def describe(self) -> str:
+        """One line: the files used and whether their checksums held."""
+        names = ", ".join(p.name for p in self.files)
+        held = "MD5 checksums of the decompressed content match" if self.verified else "checksums NOT verified"
+        return f"data: {self.source}: {names} ({held})"
 
 
 def cache_dir() -> Path:
@@ -99,16 +116,22 @@ def _complete(folder: Path) -> bool:
     return all(_file_in(folder, name) is not None for name in FILES.values())
 
 
+def explicit_dir(data_dir: str | os.PathLike | None = None) -> tuple[Path, str] | None:
+    """The folder the user named -- ``data_dir``, else ``BN_REF_DATA`` -- and how it was named; None."""
+    if data_dir is not None:
+        return Path(data_dir), "--data-dir"
+    env = os.environ.get("BN_REF_DATA")
+    if env:
+        return Path(env), "BN_REF_DATA"
+    return None
+
+
 def candidate_dirs(data_dir: str | os.PathLike | None = None) -> list[Path]:
     """The folders searched, in order (see the module docstring)."""
-    explicit = data_dir if data_dir is not None else os.environ.get("BN_REF_DATA") or None
-    dirs: list[Path] = []
-    if explicit is not None:
-        dirs.append(Path(explicit))
-    dirs += [DEBIAN_DIR, cache_dir()]
-    if explicit is not None:
-        dirs.append(Path(explicit) / "FashionMNIST" / "raw")
-    return dirs
+    named = explicit_dir(data_dir)
+    if named is not None:
+        return [named[0], named[0] / "FashionMNIST" / "raw"]
+    return [DEBIAN_DIR, cache_dir()]
 
 
 def find_data_dir(data_dir: str | os.PathLike | None = None) -> Path | None:
@@ -117,6 +140,16 @@ def find_data_dir(data_dir: str | os.PathLike | None = None) -> Path | None:
         if folder.is_dir() and _complete(folder):
             return folder
     return None
+
+
+def _missing_in_named(folder: Path, how: str) -> DataError:
+    if not folder.is_dir():
+        return DataError(f"{how} {folder}: no such folder (a folder given by {how} is the only place searched)")
+    missing = [name for name in FILES.values() if _file_in(folder, name) is None]
+    return DataError(
+        f"{how} {folder}: missing {', '.join(missing)} (each as NAME or NAME.gz; a folder given by {how} "
+        "is the only place searched, and nothing is downloaded into it)"
+    )
 
 
 def _raw_bytes(path: Path, compressed: bool | None = None) -> bytes:
@@ -139,14 +172,19 @@ def read_idx(path: str | os.PathLike, *, md5: str | None = None, compressed: boo
     """Read one IDX file, checking its header, length and, if given, the MD5 of its decompressed
     bytes. ``compressed=None`` decides gzip by the ``.gz`` suffix. Raises :class:`DataError`
     naming the file on any mismatch."""
+    return _read_idx(path, md5=md5, compressed=compressed)[0]
+
+
+def _read_idx(path: str | os.PathLike, *, md5: str | None = None, compressed: bool | None = None) -> tuple[np.ndarray, str]:
+    """:func:`read_idx` and the MD5 of the decompressed bytes."""
     path = Path(path)
     raw = _raw_bytes(path, compressed)
+    digest = hashlib.md5(raw).hexdigest()
     hint = (
         f"Delete it and run again to download a fresh copy into {cache_dir()}, or reinstall the "
         f"Debian package {DEBIAN_PACKAGE}."
     )
     if md5 is not None:
-        digest = hashlib.md5(raw).hexdigest()
         if digest != md5:
             raise DataError(
                 f"{path}: MD5 of the decompressed content is {digest}, expected {md5} "
@@ -165,7 +203,7 @@ def read_idx(path: str | os.PathLike, *, md5: str | None = None, compressed: boo
             f"{path}: IDX header announces {dims} = {size} bytes of data but the file holds "
             f"{len(raw) - header}; it is truncated or corrupt. {hint}"
         )
-    return np.frombuffer(raw, dtype=np.uint8, offset=header).reshape(dims).copy()
+    return np.frombuffer(raw, dtype=np.uint8, offset=header).reshape(dims).copy(), digest
 
 
 def _progress(done: int, total: int, name: str) -> None:
@@ -228,18 +266,24 @@ def load_fashion_mnist(
     """Find (or download), verify and read Fashion-MNIST.
 
     Args:
-        data_dir: an explicit folder; None uses ``BN_REF_DATA`` and then the standard places.
-        download_missing: fetch the files into the cache when no folder has them.
+        data_dir: an explicit folder, the only one searched; None uses ``BN_REF_DATA`` (likewise
+            the only one searched when set), else the standard places.
+        download_missing: fetch the files into the cache when no standard place has them (never
+            when a folder is named).
         checksums: expected MD5 of each decompressed file by name; None means the official
             ones (:data:`CHECKSUMS`). Pass the subset's own for a subset of the data.
         verify: False skips the MD5 check (the IDX header and length are still checked).
 
     Raises:
-        DataError: no data and no download possible (the message names the Debian package and
-            the cache path), or a truncated/corrupt file (the message names it).
+        DataError: a named folder lacks files (the message names the folder and the files); no
+            data and no download possible (the message names the Debian package and the cache
+            path); a truncated/corrupt file (the message names it).
     """
     checksums = CHECKSUMS if checksums is None else checksums
     folder = find_data_dir(data_dir)
+    named = explicit_dir(data_dir)
+    if folder is None and named is not None:
+        raise _missing_in_named(*named)
     if folder is None:
         searched = ", ".join(str(d) for d in candidate_dirs(data_dir))
         if not download_missing:
@@ -256,11 +300,13 @@ def load_fashion_mnist(
                 f"Install the Debian package {DEBIAN_PACKAGE} (apt-get install {DEBIAN_PACKAGE}), or put "
                 f"the four IDX files in {cache_dir()}."
             ) from exc
-    arrays = {}
+    arrays, files, digests = {}, [], {}
     for key, name in FILES.items():
         path = _file_in(folder, name)
         assert path is not None
-        arrays[key] = read_idx(path, md5=checksums.get(name) if verify else None)
+        arrays[key], digests[name] = _read_idx(path, md5=checksums.get(name) if verify else None)
+        files.append(path)
+    verified = verify and all(checksums.get(name) == digests[name] for name in FILES.values())
     for split in ("train", "test"):
         images, labels = arrays[f"{split}_images"], arrays[f"{split}_labels"]
         if images.ndim != 3 or labels.ndim != 1 or images.shape[0] != labels.shape[0]:
@@ -268,7 +314,7 @@ def load_fashion_mnist(
                 f"{folder}: {split} images {images.shape} and labels {labels.shape} do not pair up "
                 "(expected (N, 28, 28) and (N,))"
             )
-    return FashionMNIST(source=folder, **arrays)
+    return FashionMNIST(source=folder, files=tuple(files), md5=digests, verified=verified, **arrays)
 
 
 def to_float(images: np.ndarray) -> np.ndarray:

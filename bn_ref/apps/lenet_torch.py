@@ -1,4 +1,4 @@
-"""The d2l book's LeNet with Batch Normalization, with bn-ref's layer, PyTorch's, or none.
+"""The d2l book's LeNet with Batch Normalization in PyTorch, with bn-ref's layer, PyTorch's, or none (application code).
 
 Layers (input (N, 1, 28, 28), output (N, 10) logits)::
 
@@ -32,7 +32,7 @@ import torch
 from torch import nn
 
 from ..conventions import Convention, ConventionLike, get_convention
-from .modules import BatchNorm1d, BatchNorm2d
+from ..torch import BatchNorm1d, BatchNorm2d
 
 __all__ = ["lenet", "native_batch_norm_kwargs"]
 

@@ -1,11 +1,12 @@
 """Data-parallel PyTorch training: the launcher (``bn-ref train --backend torch --nproc N``) and
 the worker processes it starts.
 
-:func:`launch` (called by :func:`bn_ref.training.train` when ``config.nproc > 1``):
+:func:`launch` (called by :func:`bn_ref.apps.training.train` when ``config.nproc > 1``):
 
-1. loads and verifies the data once (a ``DataError`` is raised before anything starts), and saves
-   the uint8 arrays to a temporary folder that the workers read;
-2. starts N processes ``python -m bn_ref.training._ddp SPEC`` with torchrun's environment:
+1. loads and verifies the data once (a ``DataError`` is raised before anything starts), checks a
+   ``--resume`` checkpoint against the run's settings (same errors as on one process), and saves
+   the uint8 arrays and the run's spec (JSON) to a private temporary folder that the workers read;
+2. starts N processes ``python -m bn_ref.apps.training.ddp SPEC`` with torchrun's environment:
    ``RANK``, ``LOCAL_RANK`` (0..N-1), ``WORLD_SIZE`` and ``LOCAL_WORLD_SIZE`` (N),
    ``MASTER_ADDR=127.0.0.1``, ``MASTER_PORT`` (a free port), and ``OMP_NUM_THREADS`` (the CPU
    count divided by N, unless already set);
@@ -16,8 +17,11 @@ the worker processes it starts.
 Each worker (:func:`worker_main`) joins the process group (``init_method="env://"``; gloo on
 CPU, NCCL with GPU ``LOCAL_RANK`` on CUDA) with a timeout (``BN_REF_DIST_TIMEOUT`` seconds,
 default 300), so a collective that hangs fails instead of waiting for ever, and runs the shared
-epoch loop with :class:`bn_ref.training._torch.DistributedTrainer`; only rank 0 prints and writes
-``metrics.json``, ``curves.png`` and ``checkpoint.pkl``.
+epoch loop with :class:`bn_ref.apps.training.torch_backend.DistributedTrainer`; only rank 0 prints
+and writes ``metrics.json``, ``curves.png`` and ``checkpoint.npz``.
+
+Ctrl-C in the launcher stops the workers and raises
+:class:`bn_ref.apps.training.loop.TrainingInterrupted` with the last epoch rank 0 saved.
 
 The device: ``--device cpu`` uses gloo; ``cuda``/``gpu`` needs N visible GPUs (one per rank);
 ``auto`` takes the GPUs when there are at least N of them, else the CPU.
@@ -28,7 +32,6 @@ from __future__ import annotations
 import datetime
 import json
 import os
-import pickle
 import shutil
 import signal
 import socket
@@ -42,6 +45,19 @@ from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
+
+from .batches import as_float, load_raw
+from .checkpoint import FILENAME, CheckpointError, read_checkpoint
+from .config import TrainConfig, trajectory_settings
+from .fileio import make_out_dir
+from .loop import (
+    TrainingInterrupted,
+    check_resume_settings,
+    open_resume,
+    read_resume_checkpoint,
+    report_nothing_to_do,
+    run_loop,
+)
 
 __all__ = ["WorkerError", "launch", "worker_main", "DEFAULT_TIMEOUT_S"]
 
@@ -84,17 +100,25 @@ def launch(config: Any, log: Callable[[str], None]) -> dict[str, Any]:
         ValueError: too few GPUs for ``--device cuda``.
         WorkerError: a worker failed; the others are stopped.
     """
-    from . import _load_raw
-
     _check_device(config)
-    raw = _load_raw(config)
+    ckpt = read_resume_checkpoint(config) if config.resume else None
+    raw, ds = load_raw(config)
+    log(ds.describe())
+    settings = trajectory_settings(config, ds.md5)
+    start = 1
+    if ckpt is not None:
+        check_resume_settings(config, ckpt, settings, log)
+        if ckpt.epoch >= config.epochs:
+            return report_nothing_to_do(config, ckpt, log)
+        start = ckpt.epoch + 1
     out = Path(config.out)
     tmp = Path(tempfile.mkdtemp(prefix="bn-ref-ddp-"))
     procs: list[subprocess.Popen] = []
+    t_start = time.time()
     try:
         np.savez(tmp / "data.npz", xtr=raw[0], ytr=raw[1], xte=raw[2], yte=raw[3])
-        spec = tmp / "spec.pkl"
-        spec.write_bytes(pickle.dumps({"config": asdict(config), "data": str(tmp / "data.npz")}))
+        spec = tmp / "spec.json"
+        spec.write_text(json.dumps({"config": asdict(config), "data": str(tmp / "data.npz"), "settings": settings}))
         n = config.nproc
         env = dict(os.environ)
         env.update(
@@ -108,21 +132,27 @@ def launch(config: Any, log: Callable[[str], None]) -> dict[str, Any]:
         for rank in range(n):
             procs.append(
                 subprocess.Popen(
-                    [sys.executable, "-m", "bn_ref.training._ddp", str(spec)],
+                    [sys.executable, "-m", "bn_ref.apps.training.ddp", str(spec)],
                     env={**env, "RANK": str(rank), "LOCAL_RANK": str(rank)},
                     stdin=subprocess.DEVNULL,
                 )
             )
         failed: tuple[int, int] | None = None
-        while failed is None:
-            codes = [p.poll() for p in procs]
-            bad = [(r, c) for r, c in enumerate(codes) if c not in (None, 0)]
-            if bad:
-                failed = bad[0]
-            elif all(c == 0 for c in codes):
-                break
-            else:
-                time.sleep(0.1)
+        try:
+            while failed is None:
+                codes = [p.poll() for p in procs]
+                bad = [(r, c) for r, c in enumerate(codes) if c not in (None, 0)]
+                if bad:
+                    failed = bad[0]
+                elif all(c == 0 for c in codes):
+                    break
+                else:
+                    time.sleep(0.1)
+        except KeyboardInterrupt:
+            for p in procs:
+                if p.poll() is None:
+                    p.kill()
+            raise TrainingInterrupted(_saved_epoch(out / FILENAME, t_start, start - 1), out / FILENAME) from None
         if failed is not None:
             rank, code = failed
             for p in procs:  # the others would wait in a collective until the timeout
@@ -133,7 +163,7 @@ def launch(config: Any, log: Callable[[str], None]) -> dict[str, Any]:
             detail = _last_line(err)
             where = ""
             if err.is_file():
-                out.mkdir(parents=True, exist_ok=True)
+                make_out_dir(out)
                 shutil.copyfile(err, out / err.name)
                 where = f" (traceback in {out / err.name})"
             raise WorkerError(f"data-parallel worker rank {rank} of {n} failed ({what})" + (f": {detail}" if detail else "") + where)
@@ -146,11 +176,21 @@ def launch(config: Any, log: Callable[[str], None]) -> dict[str, Any]:
     return json.loads((out / "metrics.json").read_text())
 
 
+def _saved_epoch(path: Path, since: float, before: int) -> int:
+    """The epoch in rank 0's checkpoint if it wrote one since ``since``; else ``before``."""
+    try:
+        if path.stat().st_mtime >= since:
+            return read_checkpoint(path).epoch
+    except (OSError, CheckpointError):
+        pass
+    return before
+
+
 def _init_process_group(config: Any) -> tuple[int, int, Any]:
     import torch
     import torch.distributed as dist
 
-    from ._torch import resolve_device
+    from .torch_backend import resolve_device
 
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     local_rank = int(os.environ.get("LOCAL_RANK", rank))
@@ -177,20 +217,21 @@ def worker_main(spec_path: str) -> int:
     try:
         import torch.distributed as dist
 
-        from . import TrainConfig, _as_float, _loop
-        from ._torch import DistributedTrainer
+        from .torch_backend import DistributedTrainer
 
-        spec = pickle.loads(Path(spec_path).read_bytes())
+        spec = json.loads(Path(spec_path).read_text())
         config = TrainConfig(**spec["config"])
-        with np.load(spec["data"]) as z:
-            data = _as_float((z["xtr"], z["ytr"], z["xte"], z["yte"]))
+        with np.load(spec["data"], allow_pickle=False) as z:
+            data = as_float((z["xtr"], z["ytr"], z["xte"], z["yte"]))
+        resume_from = open_resume(config, spec["settings"], lambda line: None) if config.resume else None
         rank, world, device = _init_process_group(config)
         try:
             main = rank == 0
             if not main:
                 config.progress = False
             trainer = DistributedTrainer(config, rank, world, device)
-            _loop(config, trainer, data, (lambda line: print(line, flush=True)) if main else (lambda line: None), main=main)
+            log = (lambda line: print(line, flush=True)) if main else (lambda line: None)
+            run_loop(config, trainer, data, spec["settings"], log, resume_from=resume_from, main=main)
             dist.barrier()
         finally:
             dist.destroy_process_group()

@@ -1,19 +1,23 @@
-"""The PyTorch training loop of :func:`bn_ref.training.train` (LeNet from ``bn_ref.torch.lenet``).
+"""The PyTorch trainer of :func:`bn_ref.apps.training.train` (LeNet from :mod:`bn_ref.apps.lenet_torch`).
 
 :class:`Trainer` runs on one device; :class:`DistributedTrainer` is one rank of data-parallel
-training (DDP + :func:`bn_ref.torch.convert_sync_batchnorm`), launched by :mod:`bn_ref.training._ddp`.
+training (DDP + :func:`bn_ref.torch.convert_sync_batchnorm`), launched by
+:mod:`bn_ref.apps.training.ddp`. The state for checkpoints is a flat dict of NumPy arrays:
+``model/<state_dict key>`` and ``opt/state/<param index>/<key>``.
 """
 
 from __future__ import annotations
 
 import warnings
-from typing import Any, Callable
+from typing import Callable
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..torch import lenet
+from ...torch import convert_sync_batchnorm
+from ..lenet_torch import lenet
+from .batches import shard_bounds
 
 EVAL_BATCH = 2000
 
@@ -28,6 +32,36 @@ def resolve_device(name: str) -> torch.device:
     return torch.device("cpu")
 
 
+def device_label(device: torch.device) -> str:
+    """``cpu``, or ``cuda:0 (NVIDIA H200)``: the device as plot titles and logs name it."""
+    if device.type == "cuda":
+        return f"{device} ({torch.cuda.get_device_name(device)})"
+    return str(device)
+
+
+def state_arrays(model: torch.nn.Module, opt: torch.optim.Optimizer) -> dict[str, np.ndarray]:
+    """The model's state_dict and the optimizer's per-parameter state as named NumPy arrays."""
+    arrays = {f"model/{k}": v.detach().cpu().numpy().copy() for k, v in model.state_dict().items()}
+    for index, entry in opt.state_dict()["state"].items():
+        for key, value in entry.items():
+            if isinstance(value, torch.Tensor):
+                arrays[f"opt/state/{index}/{key}"] = value.detach().cpu().numpy().copy()
+    return arrays
+
+
+def load_state_arrays(model: torch.nn.Module, opt: torch.optim.Optimizer, arrays: dict[str, np.ndarray]) -> None:
+    """Inverse of :func:`state_arrays` (names already checked against ``state_arrays``'s)."""
+    device = next(model.parameters()).device
+    sd = {k[len("model/"):]: torch.from_numpy(np.array(v)) for k, v in arrays.items() if k.startswith("model/")}
+    model.load_state_dict(sd, strict=True)
+    state: dict[int, dict[str, torch.Tensor]] = {}
+    for name, value in arrays.items():
+        if name.startswith("opt/state/"):
+            index, key = name[len("opt/state/"):].split("/", 1)
+            state.setdefault(int(index), {})[key] = torch.from_numpy(np.array(value)).to(device)
+    opt.load_state_dict({"state": state, "param_groups": opt.state_dict()["param_groups"]})
+
+
 class Trainer:
     """SGD on LeNet-BN with the data resident on the device; metrics stay on the device until the
     end of the epoch. Images are NCHW ``(N, 1, 28, 28)`` float32."""
@@ -35,7 +69,7 @@ class Trainer:
     def __init__(self, config) -> None:
         self.config = config
         self.device = resolve_device(config.device)
-        self.device_name = str(self.device) if self.device.type == "cpu" else torch.cuda.get_device_name(self.device)
+        self.device_name = device_label(self.device)
         torch.manual_seed(config.seed)
         self.model = lenet(bn=config.bn, convention=config.effective_convention, device=self.device)
         self.opt = torch.optim.SGD(self.model.parameters(), lr=config.lr)
@@ -81,15 +115,11 @@ class Trainer:
             correct += (logits.argmax(1) == self.yte[start : start + EVAL_BATCH]).sum()
         return int(correct) / len(self.xte)
 
-    def get_state(self) -> dict[str, Any]:
-        return {
-            "model": {k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()},
-            "opt": self.opt.state_dict(),
-        }
+    def get_state(self) -> dict[str, np.ndarray]:
+        return state_arrays(self.model, self.opt)
 
-    def load_state(self, state: dict[str, Any]) -> None:
-        self.model.load_state_dict(state["model"], strict=True)
-        self.opt.load_state_dict(state["opt"])
+    def load_state(self, arrays: dict[str, np.ndarray]) -> None:
+        load_state_arrays(self.model, self.opt, arrays)
 
 
 class DistributedTrainer(Trainer):
@@ -99,18 +129,15 @@ class DistributedTrainer(Trainer):
     :func:`bn_ref.torch.convert_sync_batchnorm` (global count-weighted statistics, spec §11) and
     it is wrapped in ``DistributedDataParallel`` (buffers are not broadcast: SyncBatchNorm keeps
     them equal on every rank). Each global batch of B images is split by
-    :func:`bn_ref.training.shard_bounds`; this rank's loss is ``sum of its losses * P / B``, so
+    :func:`bn_ref.apps.training.batches.shard_bounds`; this rank's loss is ``sum of its losses * P / B``, so
     DDP's average over the P ranks is the gradient of the global batch's mean loss.
     """
 
     def __init__(self, config, rank: int, world_size: int, device: torch.device) -> None:
         from torch.nn.parallel import DistributedDataParallel
 
-        from ..torch import convert_sync_batchnorm
-
         self.config, self.rank, self.world_size, self.device = config, rank, world_size, device
-        name = str(device) if device.type == "cpu" else torch.cuda.get_device_name(device)
-        self.device_name = f"{world_size} processes ({'gloo' if device.type == 'cpu' else 'nccl'}), {name}"
+        self.device_name = f"{world_size} processes ({'gloo' if device.type == 'cpu' else 'nccl'}), {device_label(device)}"
         torch.manual_seed(config.seed)
         self.net = convert_sync_batchnorm(lenet(bn=config.bn, convention=config.effective_convention, device=device))
         with warnings.catch_warnings():  # newer torch deprecates broadcast_buffers; its replacement is not in 2.11
@@ -126,8 +153,6 @@ class DistributedTrainer(Trainer):
         return t.cpu().tolist()
 
     def train_epoch(self, perm: np.ndarray, progress: Callable[[int], None]) -> tuple[float, int]:
-        from . import shard_bounds
-
         model, opt, bs, p = self.model, self.opt, self.config.batch_size, self.world_size
         model.train()
         order = torch.from_numpy(perm).to(self.device)
@@ -157,8 +182,6 @@ class DistributedTrainer(Trainer):
 
     @torch.no_grad()
     def evaluate(self) -> float:
-        from . import shard_bounds
-
         self.net.eval()
         lo, hi = shard_bounds(len(self.xte), self.world_size, self.rank)
         correct = torch.zeros((), dtype=torch.long, device=self.device)
@@ -167,12 +190,8 @@ class DistributedTrainer(Trainer):
             correct += (self.net(self.xte[start:stop]).argmax(1) == self.yte[start:stop]).sum()
         return self._all_reduce([float(correct)])[0] / len(self.xte)
 
-    def get_state(self) -> dict[str, Any]:
-        return {
-            "model": {k: v.detach().cpu().clone() for k, v in self.net.state_dict().items()},
-            "opt": self.opt.state_dict(),
-        }
+    def get_state(self) -> dict[str, np.ndarray]:
+        return state_arrays(self.net, self.opt)
 
-    def load_state(self, state: dict[str, Any]) -> None:
-        self.net.load_state_dict(state["model"], strict=True)
-        self.opt.load_state_dict(state["opt"])
+    def load_state(self, arrays: dict[str, np.ndarray]) -> None:
+        load_state_arrays(self.net, self.opt, arrays)

@@ -1,4 +1,4 @@
-"""The Flax training loop of :func:`bn_ref.training.train` (``bn_ref.flax.LeNet``, NHWC).
+"""The Flax trainer of :func:`bn_ref.apps.training.train` (:class:`bn_ref.apps.lenet_flax.LeNet`, NHWC).
 
 An epoch runs as a few ``lax.scan`` calls over its batches (one, when no progress bar is shown):
 the step gathers its batch from the device-resident dataset by index, so the host only sends the
@@ -7,6 +7,10 @@ epoch's permutation.
 :class:`ShardedTrainer` is the data-parallel version (``--devices N``): the same scans inside
 ``jax.shard_map`` over a 1-D mesh of N devices, BN statistics over ``axis_name`` with padded
 samples masked out, gradients ``psum``'d; it gives the single-device result to float32 round-off.
+
+The state for checkpoints is a flat dict of NumPy arrays: ``params/<layer>/<leaf>``,
+``batch_stats/<layer>/<leaf>`` and ``opt/<path>`` (the optax state's leaves by their path; plain
+SGD has none). Loading rebuilds each tree in the structure of the freshly built model's own.
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from ..flax import LeNet
+from ..lenet_flax import LeNet
 
 EVAL_BATCH = 2000
 PROGRESS_CHUNKS = 8
@@ -36,13 +40,42 @@ def resolve_device(name: str) -> "jax.Device":
     return jax.devices("cpu")[0]
 
 
+def device_label(device: "jax.Device") -> str:
+    """``cpu``, or ``gpu (NVIDIA H200)``: the device as plot titles and logs name it."""
+    if device.platform == "cpu":
+        return "cpu"
+    kind = getattr(device, "device_kind", "")
+    return f"{device.platform} ({kind})" if kind and kind != device.platform else device.platform
+
+
+def _key_name(key: Any) -> str:
+    for attr in ("key", "idx", "name"):
+        if hasattr(key, attr):
+            return str(getattr(key, attr))
+    return str(key)
+
+
+def tree_arrays(prefix: str, tree: Any) -> dict[str, np.ndarray]:
+    """The leaves of a pytree as NumPy arrays named ``prefix/<path>``."""
+    leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+    return {"/".join([prefix, *(_key_name(k) for k in path)]): np.array(jax.device_get(v)) for path, v in leaves}
+
+
+def tree_from_arrays(prefix: str, template: Any, arrays: dict[str, np.ndarray]) -> Any:
+    """Inverse of :func:`tree_arrays`, in ``template``'s structure (names already checked)."""
+    leaves, treedef = jax.tree_util.tree_flatten_with_path(template)
+    return jax.tree_util.tree_unflatten(
+        treedef, [arrays["/".join([prefix, *(_key_name(k) for k in path)])] for path, _ in leaves]
+    )
+
+
 class Trainer:
     """SGD (optax) on the Flax LeNet-BN; images ``(N, 28, 28, 1)`` float32."""
 
     def __init__(self, config) -> None:
         self.config = config
         self.device = resolve_device(config.device)
-        self.device_name = f"{self.device.platform}:{getattr(self.device, 'device_kind', '')}"
+        self.device_name = device_label(self.device)
         self.model = LeNet(bn=config.bn, convention=config.effective_convention)
         with jax.default_device(self.device):
             variables = self.model.init(jax.random.PRNGKey(config.seed), jnp.zeros((2, 28, 28, 1), jnp.float32), train=False)
@@ -121,14 +154,23 @@ class Trainer:
             correct = correct + self._eval_fn(self.params, self.stats, self.xte[sl], self.yte[sl])
         return int(correct) / self.xte.shape[0]
 
-    def get_state(self) -> dict[str, Any]:
-        return jax.device_get({"params": self.params, "stats": self.stats, "opt": self.opt_state})
+    def get_state(self) -> dict[str, np.ndarray]:
+        return {
+            **tree_arrays("params", self.params),
+            **tree_arrays("batch_stats", self.stats),
+            **tree_arrays("opt", self.opt_state),
+        }
 
-    def load_state(self, state: dict[str, Any]) -> None:
+    def _trees(self, arrays: dict[str, np.ndarray]) -> tuple[Any, Any, Any]:
+        return (
+            tree_from_arrays("params", self.params, arrays),
+            tree_from_arrays("batch_stats", self.stats, arrays),
+            tree_from_arrays("opt", self.opt_state, arrays),
+        )
+
+    def load_state(self, arrays: dict[str, np.ndarray]) -> None:
         put = partial(jax.device_put, device=self.device)
-        self.params = jax.tree_util.tree_map(put, state["params"])
-        self.stats = jax.tree_util.tree_map(put, state["stats"])
-        self.opt_state = jax.tree_util.tree_map(put, state["opt"])
+        self.params, self.stats, self.opt_state = jax.tree_util.tree_map(put, self._trees(arrays))
 
 
 AXIS = "data"
@@ -164,7 +206,7 @@ def shard_layout(batches: np.ndarray, ndev: int) -> tuple[np.ndarray, np.ndarray
 
     ``batches`` (steps, B) of sample indices becomes ``(indices, mask)``, both (steps, ndev * s)
     with ``s = ceil(B / ndev)``: device ``d`` takes columns ``[d*s, (d+1)*s)``, which hold the
-    contiguous shard :func:`bn_ref.training.shard_bounds` gives it, then padding (index 0,
+    contiguous shard :func:`bn_ref.apps.training.batches.shard_bounds` gives it, then padding (index 0,
     mask False) -- so the last devices hold fewer real samples, possibly none.
     """
     steps, b = batches.shape
@@ -194,7 +236,7 @@ class ShardedTrainer(Trainer):
         self.ndev = config.devices
         self.mesh = data_mesh(self.ndev, config.device)
         self.device = self.mesh.devices.flat[0]
-        self.device_name = f"{self.ndev} x {self.device.platform}:{getattr(self.device, 'device_kind', '')}"
+        self.device_name = f"{self.ndev} x {device_label(self.device)}"
         self.model = LeNet(bn=config.bn, convention=config.effective_convention, axis_name=AXIS)
         self.eval_model = LeNet(bn=config.bn, convention=config.effective_convention)
         with jax.default_device(self.device):
@@ -309,7 +351,5 @@ class ShardedTrainer(Trainer):
             correct = correct + self._eval_fn(params, stats, self.xte[sl], self.yte[sl])
         return int(correct) / self.xte.shape[0]
 
-    def load_state(self, state: dict[str, Any]) -> None:
-        self.params = self._replicate(state["params"])
-        self.stats = self._replicate(state["stats"])
-        self.opt_state = self._replicate(state["opt"])
+    def load_state(self, arrays: dict[str, np.ndarray]) -> None:
+        self.params, self.stats, self.opt_state = self._replicate(self._trees(arrays))

@@ -27,7 +27,7 @@ import jax.numpy as jnp
 import optax
 
 from ..conventions import ConventionLike, get_convention
-from .linen import BatchNorm
+from ..flax import BatchNorm
 
 __all__ = ["LeNet", "native_batchnorm_kwargs", "TrainState", "create_train_state", "train_step", "loss_and_accuracy"]
 

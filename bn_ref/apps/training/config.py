@@ -1,0 +1,150 @@
+"""One training run's settings: :class:`TrainConfig`, its validation, and the settings that fix the
+trajectory (what ``--resume`` compares with the checkpoint; see ``docs/checkpoints.md``)."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Any, Mapping
+
+from ...conventions import PRESETS
+
+__all__ = [
+    "BACKENDS",
+    "BN_KINDS",
+    "STRUCTURAL_SETTINGS",
+    "TrainConfig",
+    "default_convention",
+    "settings_differences",
+    "trajectory_settings",
+]
+
+BACKENDS = ("torch", "flax")
+BN_KINDS = ("ref", "native", "none")
+STRUCTURAL_SETTINGS = ("backend", "bn")
+"""Settings a resumed run can never change: the saved state only fits the model they build."""
+
+
+def default_convention(backend: str) -> str:
+    """The convention a backend uses when none is given: its framework's own."""
+    return "pytorch" if backend == "torch" else "flax"
+
+
+@dataclass
+class TrainConfig:
+    """One training run. ``limit_train``/``limit_test`` use the first images only (for quick runs).
+
+    ``resume`` continues from ``<out>/checkpoint.npz``; it refuses a checkpoint written with
+    other trajectory settings (:func:`trajectory_settings`) unless ``allow_changed_settings``.
+    """
+
+    backend: str = "torch"
+    bn: str = "ref"
+    convention: str | None = None
+    epochs: int = 10
+    lr: float = 1.0
+    batch_size: int = 256
+    device: str = "auto"
+    seed: int = 0
+    out: str = "runs/lenet"
+    data_dir: str | None = None
+    resume: bool = False
+    limit_train: int | None = None
+    limit_test: int | None = None
+    progress: bool = True
+    nproc: int = 1
+    devices: int = 1
+    allow_changed_settings: bool = False
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def validate(self) -> None:
+        """Reject bad settings with one clear message each (before anything is written)."""
+        if self.backend not in BACKENDS:
+            raise ValueError(f"--backend must be one of {', '.join(BACKENDS)}; got {self.backend!r}")
+        if self.bn not in BN_KINDS:
+            raise ValueError(f"--bn must be one of {', '.join(BN_KINDS)}; got {self.bn!r}")
+        if self.convention is not None and self.convention not in PRESETS:
+            raise ValueError(f"--convention must be one of {', '.join(PRESETS)}; got {self.convention!r}")
+        if not (_is_int(self.epochs) and self.epochs >= 1):
+            raise ValueError(f"--epochs must be an integer >= 1; got {self.epochs!r}")
+        if not (isinstance(self.lr, (int, float)) and not isinstance(self.lr, bool) and math.isfinite(self.lr) and self.lr > 0):
+            raise ValueError(f"--lr must be a finite number > 0; got {self.lr!r}")
+        if not (_is_int(self.batch_size) and self.batch_size >= 2):
+            raise ValueError(f"--batch-size must be an integer >= 2; got {self.batch_size!r}")
+        if self.device not in ("auto", "cpu", "cuda", "gpu"):
+            raise ValueError(f"--device must be one of auto, cpu, cuda, gpu; got {self.device!r}")
+        if not _is_int(self.seed):
+            raise ValueError(f"--seed must be an integer; got {self.seed!r}")
+        if not 0 <= self.seed < 2**63:
+            raise ValueError(f"--seed must be in [0, 2**63); got {self.seed!r}")
+        for name, flag in (("nproc", "--nproc"), ("devices", "--devices")):
+            v = getattr(self, name)
+            if not (_is_int(v) and v >= 1):
+                raise ValueError(f"{flag} must be an integer >= 1; got {v!r}")
+        if self.nproc > 1 and self.backend != "torch":
+            raise ValueError(f"--nproc is for --backend torch (use --devices N with flax); got --nproc {self.nproc}")
+        if self.devices > 1 and self.backend != "flax":
+            raise ValueError(f"--devices is for --backend flax (use --nproc N with torch); got --devices {self.devices}")
+        for name in ("limit_train", "limit_test"):
+            v = getattr(self, name)
+            if v is not None and not (_is_int(v) and v >= 2):
+                raise ValueError(f"--{name.replace('_', '-')} must be an integer >= 2; got {v!r}")
+
+    @property
+    def effective_convention(self) -> str:
+        return self.convention or default_convention(self.backend)
+
+    def as_json(self) -> dict[str, Any]:
+        """The settings as written to ``metrics.json`` and the checkpoint header (no ``progress``)."""
+        d = asdict(self)
+        d["convention"] = self.effective_convention
+        d.pop("progress")
+        return d
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def trajectory_settings(config: TrainConfig, data_md5: Mapping[str, str] | None) -> dict[str, Any]:
+    """Every setting that changes what training computes, as JSON values.
+
+    ``data_md5`` is the MD5 of each data file's decompressed content (the data themselves, not the
+    folder they were read from). ``device`` and ``epochs`` are not included: the device changes
+    only the round-off of the same computation (as ``nproc``/``devices`` do, but those are
+    compared, since they change how every batch is split), and a resumed run may extend
+    ``epochs``. bn-ref's training CLI has no separate eps/momentum flags: they come with the
+    convention preset; ``extra`` holds any further settings and is compared as a whole.
+    """
+    return {
+        "backend": config.backend,
+        "bn": config.bn,
+        "convention": config.effective_convention,
+        "lr": float(config.lr),
+        "batch_size": config.batch_size,
+        "seed": config.seed,
+        "limit_train": config.limit_train,
+        "limit_test": config.limit_test,
+        "nproc": config.nproc,
+        "devices": config.devices,
+        "extra": dict(config.extra),
+        "data": dict(sorted(data_md5.items())) if data_md5 is not None else None,
+    }
+
+
+def settings_differences(saved: Mapping[str, Any], current: Mapping[str, Any]) -> list[str]:
+    """``["lr: 1.0 in the checkpoint, 0.5 now", ...]`` for every trajectory setting that differs.
+
+    A setting the checkpoint did not record (None for ``data`` in a converted 0.1 checkpoint, or
+    absent) is not a difference.
+    """
+    diffs = []
+    for key in current:
+        if key not in saved or (key == "data" and saved[key] is None):
+            continue
+        if saved[key] != current[key]:
+            if key == "data":
+                diffs.append("data: other file contents (MD5 of the data files differ)")
+            else:
+                diffs.append(f"{key}: {saved[key]!r} in the checkpoint, {current[key]!r} now")
+    return diffs
