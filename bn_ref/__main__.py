@@ -2,7 +2,9 @@
 
     bn-ref conformance [ARGS...]   the conformance harness (same as ``python -m bn_ref.conformance``)
     bn-ref train [ARGS...]         LeNet-BN on Fashion-MNIST (``bn_ref.apps.training``)
-    bn-ref port [ARGS...]          LeNet-BN weights between PyTorch and Flax (``bn_ref.apps.port``)
+    bn-ref port [ARGS...]          LeNet-BN weights between PyTorch and Flax (``bn_ref.apps.port``);
+                                   any model with ``--template`` (``bn_ref.porting.convert``)
+    bn-ref translate --from pytorch --to keras   a BN's settings in another framework's spelling
     bn-ref convert-checkpoint ...  a 0.1 pickle checkpoint to the current format (``--trust-pickle``)
 
 Subcommands are argparse subparsers; later jobs (``train``, ``port``) register here the same way:
@@ -36,6 +38,12 @@ def _port(argv: Sequence[str]) -> int:
     return port_main(argv)
 
 
+def _translate(argv: Sequence[str]) -> int:
+    from .porting.translate import main as translate_main
+
+    return translate_main(list(argv))
+
+
 def _convert(argv: Sequence[str]) -> int:
     from .apps.cli import convert_main
 
@@ -46,6 +54,7 @@ SUBCOMMANDS: dict[str, tuple[Callable[[Sequence[str]], int], str]] = {
     "conformance": (_conformance, "check BN implementations against the oracle (see python -m bn_ref.conformance -h)"),
     "train": (_train, "train LeNet-BN on Fashion-MNIST in PyTorch or Flax (see bn-ref train -h)"),
     "port": (_port, "convert a LeNet-BN checkpoint between PyTorch and Flax (see bn-ref port -h)"),
+    "translate": (_translate, "print the target framework's BN constructor for a source convention (see -h)"),
     "convert-checkpoint": (_convert, "convert a bn-ref 0.1 pickle checkpoint to the current format (see -h)"),
 }
 """name -> (entry point taking the remaining argv, one-line help)."""

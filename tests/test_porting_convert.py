@@ -262,10 +262,10 @@ def test_cli_any_state_dict_both_ways(tmp_path, capsys) -> None:
     x = _x((4, 3, 6, 6))
     template = fm.init(jax.random.PRNGKey(0), jnp.asarray(pm.nchw_to_nhwc(x)))
     torch.save(tm.state_dict(), tmp_path / "src.pt")
-    (tmp_path / "tmpl.pkl").write_bytes(pickle.dumps(jax.tree_util.tree_map(np.asarray, template)))
+    np.savez(tmp_path / "tmpl.npz", **convert._flatten(jax.tree_util.tree_map(np.asarray, template)))
     (tmp_path / "map.json").write_text(json.dumps({"proj": "proj"}))
     assert convert.main(["--from", "torch", str(tmp_path / "src.pt"), "--to", "flax", str(tmp_path / "out.msgpack"),
-                         "--template", str(tmp_path / "tmpl.pkl"), "--mapping", str(tmp_path / "map.json")]) == 0
+                         "--template", str(tmp_path / "tmpl.npz"), "--mapping", str(tmp_path / "map.json")]) == 0
     assert "bn_proj" in capsys.readouterr().out
     from flax import serialization
 
@@ -284,8 +284,37 @@ def test_cli_any_state_dict_both_ways(tmp_path, capsys) -> None:
         assert_close(tm2(torch.from_numpy(x)).numpy(), y_t, "float32", what="CLI flax->torch")
     # errors are one line, exit 2
     assert convert.main(["--from", "torch", str(tmp_path / "nope.pt"), "--to", "flax", str(tmp_path / "o"),
-                         "--template", str(tmp_path / "tmpl.pkl")]) == 2
+                         "--template", str(tmp_path / "tmpl.npz")]) == 2
     assert "no such file" in capsys.readouterr().err
+    # the .npz output reads back the same as the msgpack one
+    assert convert.main(["--from", "torch", str(tmp_path / "src.pt"), "--to", "flax", str(tmp_path / "out.npz"),
+                         "--template", str(tmp_path / "tmpl.npz"), "--mapping", str(tmp_path / "map.json")]) == 0
+    again = convert._load(str(tmp_path / "out.npz"), "flax")
+    for (k1, a), (k2, b) in zip(sorted(convert._flatten(again).items()), sorted(convert._flatten(variables).items())):
+        assert k1 == k2 and np.array_equal(a, b)
+
+    # A pickle crafted to run code is refused without running it (as a template and as a source).
+    marker = tmp_path / "ran"
+
+    class Payload:
+        def __reduce__(self):
+            return (exec, (f"open({str(marker)!r}, 'w').write('x')",))
+
+    (tmp_path / "evil.pkl").write_bytes(pickle.dumps({"params": Payload()}))
+    capsys.readouterr()
+    for args in (["--from", "torch", str(tmp_path / "src.pt"), "--to", "flax", str(tmp_path / "o.npz"),
+                  "--template", str(tmp_path / "evil.pkl")],
+                 ["--from", "flax", str(tmp_path / "evil.pkl"), "--to", "torch", str(tmp_path / "o.pt"),
+                  "--template", str(tmp_path / "tmpl.pt")]):
+        assert convert.main(args) == 2
+        err = capsys.readouterr().err
+        assert "pickles are refused" in err and len(err.strip().splitlines()) == 1
+    assert not marker.exists()
+    evil_pt = tmp_path / "evil.pt"
+    torch.save({"w": Payload()}, evil_pt)
+    assert convert.main(["--from", "torch", str(evil_pt), "--to", "flax", str(tmp_path / "o.npz"),
+                         "--template", str(tmp_path / "tmpl.npz")]) == 2
+    assert not marker.exists()
 
 
 @pytest.mark.parametrize("bn", ["ref", "none"])

@@ -191,7 +191,15 @@ def _port_parser() -> argparse.ArgumentParser:
 
 
 def port_main(argv: Sequence[str]) -> int:
-    """``bn-ref port --from torch CKPT --to flax OUT``; returns the exit status."""
+    """``bn-ref port --from torch CKPT --to flax OUT``; returns the exit status.
+
+    With ``--template T`` any model is ported (:func:`bn_ref.porting.convert.main`: layers paired by
+    order with shape checks or by ``--mapping``); without it, LeNet-BN checkpoints as below.
+    """
+    if "--template" in argv or any(a.startswith("--template=") for a in argv):
+        from ..porting.convert import main as convert_main
+
+        return convert_main(list(argv))
     return _run(_run_port, argv)
 
 

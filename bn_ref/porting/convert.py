@@ -740,21 +740,25 @@ def flax_to_torch(
 
 
 def _load(path: str, kind: str) -> Any:
-    """A torch.save'd state_dict (kind "torch"), or Flax variables (kind "flax"): pickled, or msgpack
-    (``flax.serialization.msgpack_serialize``) when the name ends in ``.msgpack``."""
+    """Read weights without running code: a ``torch.save``'d state_dict (kind "torch", read with
+    ``weights_only=True``), or Flax variables (kind "flax") as ``.msgpack``
+    (``flax.serialization.msgpack_serialize``) or ``.npz`` of ``params/...``, ``batch_stats/...``
+    arrays (what ``bn-ref port`` and ``bn-ref train`` write). Pickles are refused: unpickling runs
+    whatever code the file holds."""
     import io
     import os
-    import pickle
 
     if not os.path.isfile(path):
         raise ValueError(f"{path}: no such file")
-    raw = open(path, "rb").read()
+    with open(path, "rb") as fh:
+        raw = fh.read()
     if kind == "torch":
         import torch
 
-        obj = torch.load(io.BytesIO(raw), map_location="cpu", weights_only=True)
-        if hasattr(obj, "state_dict"):
-            obj = obj.state_dict()
+        try:
+            obj = torch.load(io.BytesIO(raw), map_location="cpu", weights_only=True)
+        except Exception as exc:  # noqa: BLE001 - torch's unpickler names what it refused
+            raise ValueError(f"{path}: not a weights-only torch.save file ({type(exc).__name__})") from None
         if not isinstance(obj, Mapping):
             raise ValueError(f"{path}: not a state_dict (got {type(obj).__name__})")
         return obj
@@ -762,10 +766,42 @@ def _load(path: str, kind: str) -> Any:
         from flax import serialization
 
         return serialization.msgpack_restore(raw)
-    obj = pickle.loads(raw)  # noqa: S301 - the user's own checkpoint, as `bn-ref port` reads it
-    if isinstance(obj, Mapping) and "state" in obj and "config" in obj:  # a `bn-ref train` checkpoint
-        obj = {"params": obj["state"]["params"], "batch_stats": obj["state"]["stats"]}
-    return obj
+    if raw[:2] != b"PK":
+        raise ValueError(f"{path}: not a .npz or .msgpack file (pickles are refused: they can run code)")
+    try:
+        with np.load(io.BytesIO(raw), allow_pickle=False) as z:
+            flat = {k: np.asarray(z[k]) for k in z.files}
+    except (ValueError, OSError) as exc:
+        raise ValueError(f"{path}: unreadable .npz ({exc})") from None
+    return _unflatten(flat, path)
+
+
+def _unflatten(flat: Mapping[str, np.ndarray], path: str) -> dict[str, Any]:
+    """``{"params/conv/kernel": a, ...}`` -> nested Flax variables (a ``bn-ref train`` checkpoint's
+    ``opt/...`` and ``header.json`` members are ignored)."""
+    out: dict[str, Any] = {}
+    for key, arr in flat.items():
+        parts = key.split("/")
+        if parts[0] not in ("params", "batch_stats"):
+            continue
+        node = out
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+        node[parts[-1]] = arr
+    if "params" not in out:
+        raise ValueError(f"{path}: no params/... arrays (not Flax variables)")
+    return out
+
+
+def _flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, np.ndarray]:
+    out: dict[str, np.ndarray] = {}
+    for k, v in tree.items():
+        name = f"{prefix}{k}"
+        if isinstance(v, Mapping):
+            out.update(_flatten(v, name + "/"))
+        else:
+            out[name] = np.asarray(v)
+    return out
 
 
 def _parse_flatten(items: Sequence[str] | None) -> dict[str, Any]:
@@ -782,16 +818,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     """``python -m bn_ref.porting.convert --from torch SRC --to flax OUT --template T [--mapping M.json]``.
 
     Ports any model's weights: SRC is a ``torch.save``'d state_dict (``--from torch``) or Flax
-    variables (``--from flax``: pickled dict or ``.msgpack``); TEMPLATE gives the target's structure
-    (``--to flax``: the target model's variables from ``model.init``, pickled or ``.msgpack``;
-    ``--to torch``: the target model's ``state_dict``). OUT is written in the target's format
-    (pickled NumPy variables dict or ``.msgpack``; ``torch.save``'d state_dict). Prints the pairs
+    variables (``--from flax``); TEMPLATE gives the target's structure
+    (``--to flax``: the target model's variables from ``model.init``;
+    ``--to torch``: the target model's ``state_dict``). Flax files are ``.npz`` (``params/...``,
+    ``batch_stats/...`` arrays) or ``.msgpack``; no file is ever unpickled. OUT is written in the
+    target's format (``.npz`` or ``.msgpack``; a ``torch.save``'d state_dict). Prints the pairs
     and the notes. Exit status 0, or 2 with one line on any error.
     """
     import argparse
     import io
     import json
-    import pickle
     import sys
 
     p = argparse.ArgumentParser(prog="bn-ref port", description="Port any model's weights between PyTorch and Flax "
@@ -824,7 +860,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
                 payload = serialization.msgpack_serialize(out)
             else:
-                payload = pickle.dumps(out)
+                buf = io.BytesIO()
+                np.savez(buf, **_flatten(out))
+                payload = buf.getvalue()
         else:
             import torch
 
