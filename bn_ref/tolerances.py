@@ -200,7 +200,7 @@ def element_bounds(
                  (eval: G_e = (g_c / s_c)|dy_e|, no D term)
         dgamma:  u_T(|dg_c| + C_T sum|dy xh|) + (rho u_A + R_c) sum|dy xh| + D_c sum|dy|
         dbeta:   u_T|db_c| + rho u_A sum|dy|
-        running: u_T|r'_c| + u_A (w_r |r_c| + w_b |b_c|) + w_b * (D_c s_c           for the mean
+        running: u_T(|r'_c| + w_b |b_c|) + u_A (w_r |r_c| + w_b |b_c|) + w_b * (D_c s_c   for the mean
                                                               | v (rho u_A + u_A) + C_ELEM (D_c s_c)**2 for the var)
 
     The u_T terms are the output's own rounding to T (at most half a unit, counted as one) and, for
@@ -275,13 +275,14 @@ def element_bounds(
         if (erm := mag("running_mean")) is not None:
             rm0 = np.abs(np.asarray(running_mean, dtype=np.float64)).reshape(-1)
             t = u_a * (w_r * rm0 + w_b * np.abs(mu)) + w_b * d * s
-            out["running_mean"] = fin(t if training else np.zeros_like(erm), atol_a) + u_t * erm
+            # u_t w_b |mu|: the batch statistic may be rounded to T once before the update (PyTorch does).
+            out["running_mean"] = fin(t if training else np.zeros_like(erm), atol_a) + u_t * (erm + w_b * np.abs(mu))
         if (erv := mag("running_var")) is not None:
             rv0 = np.abs(np.asarray(running_var, dtype=np.float64)).reshape(-1)
             v = float(variance_correction) * var
             t = u_a * (w_r * rv0 + w_b * v) + w_b * (v * (rho + 1.0) * u_a
                                                        + float(variance_correction) * C_ELEM * (d * s) ** 2)
-            out["running_var"] = fin(t if training else np.zeros_like(erv), atol_a) + u_t * erv
+            out["running_var"] = fin(t if training else np.zeros_like(erv), atol_a) + u_t * (erv + w_b * np.abs(v))
     return out
 
 

@@ -148,8 +148,9 @@ def test_ledger_turns_failures_into_deviations_and_reports_xpass(tmp_path):
     path = tmp_path / "ledger.toml"
     path.write_text(
         '[[deviation]]\nadapter = "numpy-bn[biased_running_var]*"\ncase = "*"\ncheck = "running_var"\n'
-        'reason = "stores the biased variance"\n'
+        'reason = "stores the biased variance"\nmax_rel = 0.5\n'
         '[[deviation]]\nadapter = "numpy-bn[correct]*"\ncase = "rank2-*"\ncheck = "y"\nreason = "never happens"\n'
+        'max_units = 2\n'
     )
     ledger = engine.load_ledger(str(path))
     res = _run(ba.NumpyBN(PRESETS["pytorch"], "biased_running_var"), ledger=ledger)
@@ -394,8 +395,9 @@ def test_keras_imported_with_another_backend_is_skipped_with_the_reason(tmp_path
 def test_cli_ledger_deviation_exit_codes_and_strict_xpass(tmp_path):
     led = tmp_path / "ledger.toml"
     led.write_text('[[deviation]]\nadapter = "numpy-bn[eps_outside_sqrt]*"\ncase = "*"\ncheck = "*"\n'
-                   'reason = "eps outside the root"\n'
-                   '[[deviation]]\nadapter = "numpy-bn[correct]*"\ncase = "*"\ncheck = "y"\nreason = "stale"\n')
+                   'reason = "eps outside the root"\nmax_rel = 1.0\n'
+                   '[[deviation]]\nadapter = "numpy-bn[correct]*"\ncase = "*"\ncheck = "y"\nreason = "stale"\n'
+                   'max_units = 2\n')
     r = _cli("--adapter", "broken_adapters:eps_outside_sqrt", "-k", SEL, "--ledger", str(led), "-q")
     assert r.returncode == 0, r.stdout  # every failure is a recorded deviation
     assert "EXPECTED DEVIATIONS" in r.stdout and "eps outside the root" in r.stdout

@@ -66,6 +66,7 @@ def build_report(
             "groups": {g: cells[g] for g in GROUPS},
             "skipped_cases": [{"case": c, "reason": m} for c, m in skipped],
             "random": r.random,
+            "findings": list(getattr(r, "findings", [])),
         })
     # Per-key skips (e.g. no gradients) are summarized in the group counts; case-level skips keep their reason.
     checks = [c.to_json() for r in results for c in r.checks
