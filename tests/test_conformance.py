@@ -427,7 +427,8 @@ def test_builtin_jax_and_framework_rows_find_the_recorded_deviations(tmp_path):
         elif name.startswith(("bn_ref.", "flax.")):
             assert set(statuses.values()) <= {"pass", "none"}, (name, statuses)
         elif name.startswith("keras"):
-            assert statuses["forward"] == "xfail", (name, statuses)  # float64 computed in float32
+            # float64 computed in float32: judged at float32 tolerance (declared), reported as a finding
+            assert statuses["forward"] == "pass" and any("float32" in f for f in a["findings"]), (name, a)
 
 
 def test_committed_golden_vectors_still_verify():

@@ -249,6 +249,19 @@ def _private_copy(case: Case) -> Case:
     })
 
 
+def _kappa(case: Case) -> float:
+    """Array-level condition number of the former §8.4 bound (batch statistics in training, running
+    ones in eval); kept for :mod:`~bn_ref.conformance.vectors`, no longer used to judge the matrix."""
+    if case.training:
+        return oracle.condition_number(case.x, convention=case.convention, axis=case.feature_axis)
+    bshape = tuple(-1 if i == case.feature_axis else 1 for i in range(case.x.ndim))
+    with np.errstate(invalid="ignore"):
+        spread = np.sqrt(case.running_var + case.eps).reshape(bshape)
+        k = np.abs(case.x) / spread
+    k = k[np.isfinite(k)]
+    return float(max(1.0, k.max())) if k.size else 1.0
+
+
 def _short(exc: BaseException) -> str:
     msg = str(exc).strip().splitlines()
     first = msg[0] if msg else ""
