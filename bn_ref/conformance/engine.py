@@ -42,7 +42,7 @@ from typing import Any, Callable, Iterable, Sequence
 import numpy as np
 
 from .. import oracle
-from ..tolerances import element_bounds, element_units, tolerance
+from ..tolerances import accumulation_dtype, element_bounds, element_units, tolerance
 from .cases import Case, CaseSpec, instantiate, make_case
 
 __all__ = [
@@ -399,7 +399,9 @@ def check_steps(adapter: Any, name: str, spec_id: str, cases: Sequence[Case], *,
                 variance_correction=conv.variance_correction(case.n))
         for grp, key in ((grp_y, "y"), (grp_run, "running_mean"), (grp_run, "running_var")) + (
                 ((grp_bwd, "dx"), (grp_bwd, "dgamma"), (grp_bwd, "dbeta")) if case.dy is not None else ()):
-            _compare(res, base, grp, key, out.get(key), expected[key], case, bounds.get(key), judge)
+            # y and dx are in T; statistics and parameter gradients are held in the accumulation dtype (§8.4)
+            kdt = judge if key in ("y", "dx") else accumulation_dtype(judge)
+            _compare(res, base, grp, key, out.get(key), expected[key], case, bounds.get(key), kdt)
         # Feed back the adapter's own statistics (the reference's when it returned none).
         nrm, nrv = out.get("running_mean"), out.get("running_var")
         rm = ref.running_mean if nrm is None else np.asarray(nrm, dtype=np.float64).reshape(-1)
