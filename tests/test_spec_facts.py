@@ -415,3 +415,17 @@ def test_fact_flax_use_running_average_once():
     bn = nnx.BatchNorm(3, rngs=nnx.Rngs(0))
     y = np.asarray(bn(x))
     np.testing.assert_allclose(y.mean(0), 0, atol=1e-5)  # batch statistics: training mode
+
+
+def test_fact_torch_whole_module_in_T():
+    """§8.3: a torch.nn BN cast wholly to bfloat16/float16 folds in T and loses several times the
+    accuracy of the mixed-precision layer (float32 parameters) on x = 100 + N(0, 1)."""
+    x = 100 + np.random.default_rng(0).normal(size=(16, 3, 4, 4))
+    for dt, whole_err, mixed_err in ((torch.bfloat16, 0.041, 0.0072), (torch.float16, 0.0173, 0.00098)):
+        xt = torch.from_numpy(x).to(dt)
+        want = oracle.forward(xt.double().numpy(), None, None, None, None, training=True, convention="pytorch").y
+        with torch.no_grad():
+            e_whole = float(np.abs(torch.nn.BatchNorm2d(3, dtype=dt)(xt).double().numpy() - want).max())
+            e_mixed = float(np.abs(torch.nn.BatchNorm2d(3)(xt).double().numpy() - want).max())
+        assert e_whole == pytest.approx(whole_err, rel=0.1) and e_mixed == pytest.approx(mixed_err, rel=0.1)
+        assert e_whole > 5 * e_mixed

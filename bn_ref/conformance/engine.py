@@ -5,8 +5,11 @@ For every adapter and case spec the engine instantiates the steps under the adap
 back the running statistics the adapter returned and incrementing ``count`` after each training
 step -- and compares each returned array with the oracle evaluated on exactly the inputs the
 adapter was given (one-step semantics: each step checks one application of the formulas of
-``docs/spec.md``, so an error is reported at the step that makes it). Errors are measured with
-:func:`bn_ref.tolerances.error_units` (``kappa`` from :func:`bn_ref.oracle.condition_number`).
+``docs/spec.md``, so an error is reported at the step that makes it). Errors are measured per
+element against :func:`bn_ref.tolerances.element_bounds` (§8.4) in the dtype the adapter computes
+in: the case's dtype, or the lower precision the adapter declares with ``compute_dtype`` (a row
+that computes in float32 whatever its input is judged at float32 tolerance on float64 cases, and
+the report records that as a *finding* of the row, not as an excused deviation).
 
 Check groups (the columns of the matrix):
 
@@ -15,7 +18,14 @@ Check groups (the columns of the matrix):
 * ``eval``     -- ``y`` of an eval step (§4);
 * ``backward`` -- ``dx``, ``dgamma``, ``dbeta`` of ``sum(y * dy)`` (§5);
 * ``errors``   -- cases where a conforming implementation must raise (§7.1);
+* ``defaults`` -- the framework's layer built from its *own defaults* (no eps or momentum passed;
+  the adapter's ``defaults()``) on the cases of :data:`DEFAULTS_CASES`, compared with the oracle
+  under the preset that claims to reproduce it: the preset is checked against the framework;
 * ``random``   -- hypothesis-generated cases (shrunk to a minimal failing one).
+
+The ledger (``conformance/ledger.toml``, :func:`load_ledger`) turns a failing check into an
+*expected deviation* only when an entry names it and its error is within the entry's bound
+(``max_units`` in tolerance units, or ``max_rel`` relative); a larger error stays a failure.
 """
 
 from __future__ import annotations
@@ -32,7 +42,7 @@ from typing import Any, Callable, Iterable, Literal, Sequence
 import numpy as np
 
 from .. import oracle
-from ..tolerances import error_units
+from ..tolerances import accumulation_dtype, element_bounds, element_units, tolerance
 from .cases import Case, CaseSpec, instantiate, make_case
 
 __all__ = [
@@ -46,9 +56,16 @@ __all__ = [
     "load_ledger",
     "adapter_skip",
     "applies",
+    "compute_dtype",
+    "DEFAULTS_CASES",
 ]
 
-GROUPS = ("forward", "running", "eval", "backward", "errors", "random")
+GROUPS = ("forward", "running", "eval", "backward", "errors", "defaults", "random")
+DEFAULTS_CASES = ("rank2-float64", "rank4-float64", "sequence-float32", "dtype-float16")
+"""The catalogue cases a framework's defaults-built layer runs on (group ``defaults``): ranks 2 and
+4, a running-statistics sequence, and a half-precision case -- enough to see every default (eps,
+momentum and its spelling, the variance estimator, the dtype handling) without doubling the run."""
+_PRECISION = {"float64": 3, "float32": 2, "bfloat16": 1, "float16": 1}
 OUTPUT_KEYS = ("y", "running_mean", "running_var", "dx", "dgamma", "dbeta")
 STATUS_ORDER = ("error", "fail", "xfail", "pass", "skip")
 
@@ -69,11 +86,13 @@ class CheckResult:
     units: float | None = None
     message: str = ""
     reason: str = ""  # ledger reason for xfail
+    rel: float | None = None  # max |actual - expected| / max |expected| over finite elements
 
     def to_json(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
-        if d["units"] is not None and not np.isfinite(d["units"]):
-            d["units"] = "inf"
+        for k in ("units", "rel"):
+            if d[k] is not None and not np.isfinite(d[k]):
+                d[k] = "inf"
         return d
 
 
@@ -83,16 +102,27 @@ def _glob(text: str, pattern: str) -> bool:
     return re.fullmatch(rx, text) is not None
 
 
+LEDGER_KEYS = {"adapter", "case", "check", "reason", "max_units", "max_rel"}
+
+
 @dataclass
 class LedgerEntry:
-    """An expected deviation: adapter/case/check glob patterns and the reason."""
+    """An expected deviation, bounded: adapter/case/check glob patterns, the reason, and the
+    largest error it excuses -- ``max_units`` (in units of the §8.4 bound) or ``max_rel``
+    (``max|actual - expected| / max|expected|``). A matching failure within the bound becomes an
+    expected deviation; one above it stays a failure (counted in ``exceeded``)."""
 
     adapter: str
     case: str
     check: str
     reason: str
+    max_units: float | None = None
+    max_rel: float | None = None
     matched: int = 0  # failing checks it turned into expected deviations
     passed: int = 0  # matching checks that passed (the deviation did not occur)
+    exceeded: int = 0  # matching failures larger than the bound (left as failures)
+    worst_units: float | None = None  # the largest error it excused
+    worst_rel: float | None = None
 
     def matches(self, adapter: str, case: str, step: str, group: str, key: str) -> bool:
         return (
@@ -101,16 +131,34 @@ class LedgerEntry:
             and (_glob(group, self.check) or _glob(key, self.check))
         )
 
+    def bound_text(self) -> str:
+        return f"max_units = {self.max_units:g}" if self.max_units is not None else f"max_rel = {self.max_rel:g}"
+
+    def within(self, r: CheckResult) -> bool:
+        """Whether the failing check ``r`` is within this entry's bound (an exception, a missing
+        raise or a NaN/Inf mismatch has no finite size and is never within)."""
+        if self.max_units is not None:
+            return r.units is not None and np.isfinite(r.units) and r.units <= self.max_units
+        return r.rel is not None and np.isfinite(r.rel) and r.rel <= float(self.max_rel)  # type: ignore[arg-type]
+
     @property
     def state(self) -> str:
-        """"deviation" (seen), "xpass" (exercised, never deviated) or "unexercised"."""
+        """"deviation" (seen), "exceeded" (seen above its bound), "xpass" (exercised, never
+        deviated) or "unexercised"."""
+        if self.exceeded:
+            return "exceeded"
         if self.matched:
             return "deviation"
         return "xpass" if self.passed else "unexercised"
 
 
 def load_ledger(path: str | None) -> list[LedgerEntry]:
-    """Read ``[[deviation]]`` tables (adapter, case, check, reason) from a TOML ledger."""
+    """Read and validate the ``[[deviation]]`` tables of a TOML ledger.
+
+    Each needs ``adapter``, ``case``, ``check``, ``reason`` (non-empty strings) and exactly one of
+    ``max_units`` / ``max_rel`` (a finite number > 0); any other key, a missing bound, both bounds,
+    or another top-level table is a ``ValueError`` naming the entry.
+    """
     if path is None:
         return []
     try:
@@ -119,12 +167,26 @@ def load_ledger(path: str | None) -> list[LedgerEntry]:
         import tomli as tomllib  # type: ignore[no-redef]
     with open(path, "rb") as f:
         data = tomllib.load(f)
+    extra = set(data) - {"deviation"}
+    if extra:
+        raise ValueError(f"{path}: unknown top-level key(s) {sorted(extra)}; only [[deviation]] tables are allowed")
     entries = []
     for i, e in enumerate(data.get("deviation", [])):
-        missing = [k for k in ("adapter", "case", "check", "reason") if not e.get(k)]
+        where = f"{path}: deviation #{i + 1} ({e.get('adapter', '?')} / {e.get('case', '?')} / {e.get('check', '?')})"
+        unknown = set(e) - LEDGER_KEYS
+        if unknown:
+            raise ValueError(f"{where}: unknown key(s) {sorted(unknown)}; allowed: {sorted(LEDGER_KEYS)}")
+        missing = [k for k in ("adapter", "case", "check", "reason") if not isinstance(e.get(k), str) or not e[k]]
         if missing:
-            raise ValueError(f"{path}: deviation #{i + 1} lacks {', '.join(missing)}")
-        entries.append(LedgerEntry(e["adapter"], e["case"], e["check"], e["reason"]))
+            raise ValueError(f"{where}: lacks {', '.join(missing)} (non-empty strings)")
+        bounds = [k for k in ("max_units", "max_rel") if k in e]
+        if len(bounds) != 1:
+            raise ValueError(f"{where}: needs exactly one bound, max_units (tolerance units) or max_rel "
+                             f"(relative error); got {bounds or 'none'} -- an entry may not excuse an unbounded error")
+        v = e[bounds[0]]
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not np.isfinite(v) or v <= 0:
+            raise ValueError(f"{where}: {bounds[0]} must be a finite number > 0, got {v!r}")
+        entries.append(LedgerEntry(e["adapter"], e["case"], e["check"], e["reason"], **{bounds[0]: float(v)}))
     return entries
 
 
@@ -140,6 +202,7 @@ class AdapterResult:
     wall_s: float = 0.0
     build_error: str | None = None
     build_skip: str | None = None
+    findings: list[str] = field(default_factory=list)  # declared properties the report shows (not deviations)
 
 
 def adapter_skip(adapter: Any, case: Case) -> str | None:
@@ -168,6 +231,19 @@ def applies(adapter: Any, spec: CaseSpec) -> bool:
     return int(ws) == 1 or len(spec.replicas) == int(ws)
 
 
+def compute_dtype(adapter: Any, case: Case) -> str:
+    """The dtype ``adapter`` is judged in on ``case``: the case's dtype, or the adapter's declared
+    ``compute_dtype`` (a dtype name, or a callable of the case) when that has *less* precision --
+    a row that computes in float32 whatever its input is judged at float32 tolerance (§8.4)."""
+    decl = getattr(adapter, "compute_dtype", None)
+    if callable(decl):
+        decl = decl(case)
+    if decl is None:
+        return case.dtype
+    decl = tolerance(decl).dtype
+    return decl if _PRECISION[decl] < _PRECISION[case.dtype] else case.dtype
+
+
 def _private_copy(case: Case) -> Case:
     """The case with its own arrays: an adapter that writes into them cannot change the reference."""
     return dataclasses.replace(case, **{
@@ -177,11 +253,12 @@ def _private_copy(case: Case) -> Case:
 
 
 def _kappa(case: Case) -> float:
-    """Condition number: batch statistics in training (§8.4), running ones in eval."""
+    """Array-level condition number of the former §8.4 bound (batch statistics in training, running
+    ones in eval); kept for :mod:`~bn_ref.conformance.vectors`, no longer used to judge the matrix."""
     if case.training:
         return oracle.condition_number(case.x, convention=case.convention, axis=case.feature_axis)
     bshape = tuple(-1 if i == case.feature_axis else 1 for i in range(case.x.ndim))
-    with np.errstate(invalid="ignore", over="ignore"):
+    with np.errstate(invalid="ignore"):
         spread = np.sqrt(case.running_var + case.eps).reshape(bshape)
         k = np.abs(case.x) / spread
     k = k[np.isfinite(k)]
@@ -225,7 +302,7 @@ def _describe_error(actual: np.ndarray, expected: np.ndarray, key: str, units: f
 
 def _compare(
     res: list[CheckResult], base: dict[str, str], group: str, key: str, actual: Any, expected: Any,
-    case: Case, kappa: float,
+    case: Case, bound: Any, judge: str,
 ) -> None:
     if expected is None:
         if actual is not None:
@@ -241,23 +318,41 @@ def _compare(
         res.append(CheckResult(**base, group=group, key=key, status="fail", message=f"{key}: not an array ({_short(exc)})"))
         return
     e = np.asarray(expected, dtype=np.float64)
-    units = error_units(a, e, case.dtype, kappa=kappa)
+    units = element_units(a, e, bound, judge)
+    rel = _rel(a, e)
     ax = case.feature_axis if e.ndim > 1 else 0
     if units <= 1.0:
-        res.append(CheckResult(**base, group=group, key=key, status="pass", units=units))
+        res.append(CheckResult(**base, group=group, key=key, status="pass", units=units, rel=rel))
     else:
-        res.append(CheckResult(**base, group=group, key=key, status="fail", units=units,
+        res.append(CheckResult(**base, group=group, key=key, status="fail", units=units, rel=rel,
                                message=_describe_error(a, e, key, units, ax)))
 
 
-def check_steps(adapter: Any, name: str, spec_id: str, cases: Sequence[Case]) -> list[CheckResult]:
-    """Run one case (all its steps) on one adapter; return its check results."""
+def _rel(a: np.ndarray, e: np.ndarray) -> float:
+    """max|a - e| / max|e| over the elements finite in both (inf when shapes or finiteness differ)."""
+    if a.shape != e.shape or not np.array_equal(np.isfinite(a), np.isfinite(e)):
+        return float("inf")
+    ok = np.isfinite(e)
+    if not ok.any():
+        return 0.0
+    scale = float(np.max(np.abs(e[ok])))
+    err = float(np.max(np.abs(a[ok] - e[ok])))
+    return err / scale if scale > 0 else (0.0 if err == 0 else float("inf"))
+
+
+def check_steps(adapter: Any, name: str, spec_id: str, cases: Sequence[Case], *,
+                group: str | None = None) -> list[CheckResult]:
+    """Run one case (all its steps) on one adapter; return its check results.
+
+    ``group`` puts every check in one group (``"defaults"``) instead of forward/running/eval/...
+    """
     res: list[CheckResult] = []
     rm, rv, count = cases[0].running_mean, cases[0].running_var, cases[0].count
     for proto in cases:
         case = proto.with_state(rm, rv, count)
         base = {"adapter": name, "case": spec_id, "step": case.id}
-        grp_y = "forward" if case.training else "eval"
+        grp_y = group or ("forward" if case.training else "eval")
+        grp_run, grp_bwd, grp_err = (group,) * 3 if group else ("running", "backward", "errors")
         reason = adapter_skip(adapter, case)
         if reason is not None:
             res.append(CheckResult(**base, group="case", key="*", status="skip", message=reason))
@@ -266,11 +361,11 @@ def check_steps(adapter: Any, name: str, spec_id: str, cases: Sequence[Case]) ->
             try:
                 adapter.run(_private_copy(case))
             except Exception as exc:  # noqa: BLE001 - raising is the expected outcome
-                res.append(CheckResult(**base, group="errors", key="raises", status="pass",
+                res.append(CheckResult(**base, group=grp_err, key="raises", status="pass",
                                        message=f"raised {_short(exc)}"))
             else:
                 res.append(CheckResult(
-                    **base, group="errors", key="raises", status="fail",
+                    **base, group=grp_err, key="raises", status="fail",
                     message=(f"n = 1 value per channel in training (x.shape {case.x.shape}) must raise under "
                              f"single_value='error' (spec §7.1); the adapter returned normally")))
             return res
@@ -296,14 +391,20 @@ def check_steps(adapter: Any, name: str, spec_id: str, cases: Sequence[Case]) ->
                 dx, dg, db = oracle.backward(case.dy, case.x, case.gamma, training=case.training, convention=conv,
                                              axis=case.feature_axis, running_mean=case.running_mean,
                                              running_var=case.running_var)
-            kappa = _kappa(case)
-        _compare(res, base, grp_y, "y", out.get("y"), ref.y, case, kappa)
-        _compare(res, base, "running", "running_mean", out.get("running_mean"), ref.running_mean, case, 1.0)
-        _compare(res, base, "running", "running_var", out.get("running_var"), ref.running_var, case, 1.0)
-        if case.dy is not None:
-            _compare(res, base, "backward", "dx", out.get("dx"), dx, case, kappa)
-            _compare(res, base, "backward", "dgamma", out.get("dgamma"), dg, case, kappa)
-            _compare(res, base, "backward", "dbeta", out.get("dbeta"), db if case.beta is not None else None, case, kappa)
+            judge = compute_dtype(adapter, case)
+            expected = {"y": ref.y, "running_mean": ref.running_mean, "running_var": ref.running_var,
+                        "dx": dx, "dgamma": dg, "dbeta": db if case.beta is not None else None}
+            bounds = element_bounds(
+                case.x, expected={k: v for k, v in expected.items() if v is not None}, dtype=judge,
+                training=case.training, eps=case.eps, axis=case.feature_axis, gamma=case.gamma, beta=case.beta,
+                running_mean=case.running_mean, running_var=case.running_var, dy=case.dy,
+                update_weights=conv.update_weights(case.count) if case.training else (1.0, 0.0),
+                variance_correction=conv.variance_correction(case.n))
+        for grp, key in ((grp_y, "y"), (grp_run, "running_mean"), (grp_run, "running_var")) + (
+                ((grp_bwd, "dx"), (grp_bwd, "dgamma"), (grp_bwd, "dbeta")) if case.dy is not None else ()):
+            # y and dx are in T; statistics and parameter gradients are held in the accumulation dtype (§8.4)
+            kdt = judge if key in ("y", "dx") else accumulation_dtype(judge)
+            _compare(res, base, grp, key, out.get(key), expected[key], case, bounds.get(key), kdt)
         # Feed back the adapter's own statistics (the reference's when it returned none).
         nrm, nrv = out.get("running_mean"), out.get("running_var")
         rm = ref.running_mean if nrm is None else np.asarray(nrm, dtype=np.float64).reshape(-1)
@@ -378,8 +479,11 @@ def random_search(adapter: Any, name: str, dtype: str, *, max_examples: int = 12
         return {"status": "skip", "examples": state["examples"], "message": "the adapter declined every drawn case"}
     except AssertionError:
         p, bad = state["last"]
+        sized = [r for r in bad if r.units is not None]
         return {
             "status": "error" if all(r.status == "error" for r in bad) else "fail",
+            "units": max((r.units for r in sized), default=None),
+            "rel": max((r.rel for r in sized if r.rel is not None), default=None),
             "examples": state["examples"],
             "params": p,
             "message": "; ".join(r.message for r in bad),
@@ -434,13 +538,22 @@ def run_adapter(
     if getattr(adapter, "world_size", None) is not None:
         specs = [s for s in specs if applies(adapter, s)]
         randoms = ()
+    declared: set[tuple[str, str]] = set()
     for spec in specs:
         try:
             steps = instantiate(spec, adapter.convention)
         except Exception as exc:  # noqa: BLE001 - e.g. a convention the spec cannot use
             out.checks.append(CheckResult(name, spec.id, spec.id, "case", "*", "error", message=_short(exc)))
             continue
+        for st in steps:
+            if (judge := compute_dtype(adapter, st)) != st.dtype:
+                declared.add((st.dtype, judge))
         out.checks.extend(check_steps(adapter, name, spec.id, steps))
+    out.findings.extend(f"computes in {j} on {d} input (declared by the adapter; judged at {j} tolerance)"
+                        for d, j in sorted(declared))
+    make_defaults = getattr(adapter, "defaults", None)
+    if make_defaults is not None:
+        _run_defaults(out, adapter, make_defaults, specs)
     for rid in randoms:
         dtype = rid.split("-", 1)[1]
         r = random_search(adapter, name, dtype, max_examples=max_examples)
@@ -449,7 +562,7 @@ def run_adapter(
         status = r["status"]
         msg = r.get("message", "")
         out.checks.append(CheckResult(name, rid, rid, "random", ",".join(r.get("keys", [])) or "*",
-                                      status, message=msg))
+                                      status, message=msg, units=r.get("units"), rel=r.get("rel")))
     _apply_ledger(out, ledger)
     for r in out.random:  # the search result carries the verdict of its (possibly ledgered) check
         chk = next(c for c in out.checks if c.group == "random" and c.case == r["case"])
@@ -460,16 +573,58 @@ def run_adapter(
     return out
 
 
+def _run_defaults(out: AdapterResult, adapter: Any, make_defaults: Callable[[], Any], specs: Sequence[CaseSpec]) -> None:
+    """Group ``defaults``: the layer built from the framework's own defaults on :data:`DEFAULTS_CASES`
+    (those selected), judged under the adapter's preset."""
+    name = out.name
+    chosen = [s for s in specs if s.id in DEFAULTS_CASES]
+    if not chosen:
+        return
+    try:
+        runner = make_defaults()
+    except Exception as exc:  # noqa: BLE001 - a defaults layer that cannot be built is an error cell
+        for spec in chosen:
+            out.checks.append(CheckResult(name, spec.id, spec.id, "defaults", "build", "error",
+                                          message=_short(exc) + _where(exc)))
+        return
+    try:
+        for spec in chosen:
+            steps = instantiate(spec, adapter.convention)
+            out.checks.extend(check_steps(runner, name, spec.id, steps, group="defaults"))
+    finally:
+        _close(runner)
+
+
+def _close(obj: Any) -> None:
+    fn = getattr(obj, "close", None)
+    if callable(fn):
+        try:
+            fn()
+        except Exception:  # noqa: BLE001 - cleanup only
+            pass
+
+
 def _apply_ledger(out: AdapterResult, ledger: Sequence[LedgerEntry]) -> None:
+    """Each non-skipped check against the first entry that names it: a failure within the entry's
+    bound becomes ``xfail``; one above it stays a failure, its message saying so."""
     for r in out.checks:
         if r.status == "skip":
             continue
         for entry in ledger:
             if entry.matches(r.adapter, r.case, r.step, r.group, r.key):
                 if r.status in ("fail", "error"):
-                    r.status = "xfail"
-                    r.reason = entry.reason
-                    entry.matched += 1
+                    if entry.within(r):
+                        r.status = "xfail"
+                        r.reason = entry.reason
+                        entry.matched += 1
+                        if r.units is not None:
+                            entry.worst_units = max(entry.worst_units or 0.0, r.units)
+                        if r.rel is not None:
+                            entry.worst_rel = max(entry.worst_rel or 0.0, r.rel)
+                    else:
+                        entry.exceeded += 1
+                        r.message += (f" [above the ledger bound {entry.bound_text()} of the entry "
+                                      f"{entry.adapter!r} / {entry.case!r} / {entry.check!r}]")
                 elif r.status == "pass":
                     entry.passed += 1
                 break

@@ -52,6 +52,7 @@ class AdapterRow(TypedDict):
     groups: dict[str, Cell]
     skipped_cases: list[SkippedCase]
     random: list[dict[str, Any]]
+    findings: list[str]  # declared properties such as "computes in float32" (not deviations)
 
 
 class CheckRecord(TypedDict, total=False):
@@ -181,6 +182,7 @@ def _adapter_row(r: AdapterResult, factory: str | None) -> AdapterRow:
                    for g in GROUPS},
         "skipped_cases": [{"case": c, "reason": m} for c, m in skipped],
         "random": random,
+        "findings": list(getattr(r, "findings", [])),
     }
 
 
@@ -501,6 +503,8 @@ def _md_findings(report: Report) -> list[str]:
             line += "; expected deviation: " + " / ".join(_md_escape(r.rstrip(".")) for r in reasons)
         elif not bad:
             line += "; no deviation found"
+        for finding in a.get("findings", []):
+            line += f"; finding: {_md_escape(finding.rstrip('.'))}"
         out.append(line + ".")
     own = [a for a in report["adapters"] if a["name"].startswith("bn_ref.")]
     if own:
@@ -595,7 +599,10 @@ def _md_cases(report: Report) -> list[str]:
 
 
 def _md_tolerances(report: Report) -> list[str]:
-    out = ["## Tolerances (§8.4)", "", "| dtype | rtol | atol | unit round-off |", "|---|---|---|---|"]
+    out = ["## Tolerances (§8.4)", "",
+           "Each element is judged against its own bound (spec §8.4): a per-dtype `atol`/`rtol`, the rounding to the "
+           "working dtype, and a per-channel, capped conditioning term in the accumulation precision. The per-dtype "
+           "constants:", "", "| dtype | rtol | atol | unit round-off |", "|---|---|---|---|"]
     out += [f"| {k} | {tol['rtol']:g} | {tol['atol']:g} | {tol['u']:.3g} |" for k, tol in report["tolerances"].items()]
     return out + [""]
 

@@ -1,4 +1,10 @@
-"""The d2l book's from-scratch layer (``bn_ref.d2l_scratch.BatchNorm``) under the ``d2l`` preset.
+"""bn-ref's re-implementation of the d2l book's from-scratch layer (``bn_ref.d2l_scratch.BatchNorm``)
+under the ``d2l`` preset.
+
+The row is named for what it is: bn-ref's own rewrite of the book's algorithm (the project ships
+no copy of the book's code, and the seed notes' transcription omits ``return Y``), so it checks the
+*preset's* description of the book's layer, not the book's code itself. Its ``defaults()`` is the
+layer as the book builds it (eps and momentum are hard-coded there).
 
 Faithful to the book: train/eval is chosen by grad mode (training runs with grad enabled, eval
 under ``torch.no_grad()``, so eval has no gradients), 2-D and 4-D inputs with the features on
@@ -23,8 +29,12 @@ __all__ = ["D2LAdapter", "factory"]
 class D2LAdapter:
     def __init__(self) -> None:
         self.convention = PRESETS["d2l"]
-        self.name = "d2l from-scratch BatchNorm @d2l"
-        self.description = "the d2l book's classic from-scratch layer (bn_ref.d2l_scratch)"
+        self.name = "bn_ref.d2l_scratch.BatchNorm (rewrite of the d2l layer) @d2l"
+        self.description = "bn-ref's rewrite of the d2l book's classic from-scratch layer (bn_ref.d2l_scratch)"
+
+    def defaults(self) -> "D2LAdapter":
+        """The layer as the book builds it, ``BatchNorm(C, num_dims)``: eps and momentum are hard-coded."""
+        return D2LAdapter()
 
     def skip(self, case: Case) -> str | None:
         if case.rank not in (2, 4):

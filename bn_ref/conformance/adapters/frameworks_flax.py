@@ -25,11 +25,18 @@ def _reason(case: Case) -> str | None:
 
 
 class FlaxLinenAdapter(_Base):
-    def __init__(self, fast: bool, device_name: str, device: Any) -> None:
+    def __init__(self, fast: bool, device_name: str, device: Any, defaults: bool = False) -> None:
         self.kind = f"flax.linen.BatchNorm(use_fast_variance={fast})"
         self.fast = fast
+        self.device_name = device_name
+        self._defaults = defaults
         super().__init__(PRESETS["flax"], device_name, device)
         self.description = f"flax {flax.__version__} linen BatchNorm"
+
+    def defaults(self) -> "FlaxLinenAdapter":
+        """``nn.BatchNorm(use_running_average=...)`` with Flax's own axis, momentum and epsilon
+        (only ``use_fast_variance=False`` is passed for the two-pass row, and the dtypes)."""
+        return FlaxLinenAdapter(self.fast, self.device_name, self.device, defaults=True)
 
     def skip(self, case: Case) -> str | None:
         return _reason(case)
@@ -40,6 +47,11 @@ class FlaxLinenAdapter(_Base):
         key = (training, affine, case.dtype, case.feature_axis, case.eps, case.momentum)
 
         def build():
+            if self._defaults:
+                extra = {} if self.fast else {"use_fast_variance": False}
+                mod = nn.BatchNorm(use_running_average=not training, dtype=ju.DTYPES[case.dtype],
+                                   param_dtype=ju.param_dtype(case), **extra)
+                return ju.linen_train_vjp(mod)
             mod = nn.BatchNorm(use_running_average=not training, axis=case.feature_axis, momentum=case.momentum,
                                epsilon=case.eps, use_scale=affine, use_bias=affine, dtype=ju.DTYPES[case.dtype],
                                param_dtype=ju.param_dtype(case), use_fast_variance=self.fast)
@@ -55,11 +67,17 @@ class FlaxLinenAdapter(_Base):
 
 
 class FlaxNNXAdapter(_Base):
-    def __init__(self, fast: bool, device_name: str, device: Any) -> None:
+    def __init__(self, fast: bool, device_name: str, device: Any, defaults: bool = False) -> None:
         self.kind = f"flax.nnx.BatchNorm(use_fast_variance={fast})"
         self.fast = fast
+        self.device_name = device_name
+        self._defaults = defaults
         super().__init__(PRESETS["flax"], device_name, device)
         self.description = f"flax {flax.__version__} NNX BatchNorm"
+
+    def defaults(self) -> "FlaxNNXAdapter":
+        """``nnx.BatchNorm(C, rngs=...)`` with Flax's own axis, momentum and epsilon."""
+        return FlaxNNXAdapter(self.fast, self.device_name, self.device, defaults=True)
 
     def skip(self, case: Case) -> str | None:
         return _reason(case)
@@ -71,6 +89,10 @@ class FlaxNNXAdapter(_Base):
         i = self._inputs(case)
 
         def make():
+            if self._defaults:
+                extra = {} if self.fast else {"use_fast_variance": False}
+                return nnx.BatchNorm(c, dtype=ju.DTYPES[case.dtype], param_dtype=ju.param_dtype(case),
+                                     rngs=nnx.Rngs(0), **extra)
             return nnx.BatchNorm(c, axis=case.feature_axis, momentum=case.momentum, epsilon=case.eps,
                                  use_scale=affine, use_bias=affine, dtype=ju.DTYPES[case.dtype],
                                  param_dtype=ju.param_dtype(case), use_fast_variance=self.fast, rngs=nnx.Rngs(0))
@@ -81,7 +103,7 @@ class FlaxNNXAdapter(_Base):
                 m.bias.value = i["beta"]
             m.mean.value, m.var.value = i["rm"], i["rv"]
 
-        key = (training, affine, case.dtype, case.feature_axis, case.eps, case.momentum, c)
+        key = (training, affine, case.dtype, case.feature_axis, case.eps, case.momentum, c, self._defaults)
         y, rest, dx, dp = nnx_runner(self._cache, key, make, set_values,
                                      lambda m, x: m(x, use_running_average=not training), case, i["dy"], i["x"])
         return {"y": ju.out(y), "running_mean": ju.out(rest["mean"]), "running_var": ju.out(rest["var"]),

@@ -1,5 +1,15 @@
 """PyTorch's own Batch Normalization under the ``pytorch`` preset: ``torch.nn.BatchNorm1d/2d/3d``
-and ``torch.nn.functional.batch_norm``, on CPU and CUDA."""
+and ``torch.nn.functional.batch_norm``, on CPU and CUDA.
+
+Working dtypes (§8.3, §8.4): x and dy in the case dtype T; for T = float16/bfloat16 the layer is
+used the way mixed precision uses it -- weight, bias and running statistics in float32 (what
+``torch.autocast`` keeps for BN), and PyTorch's mixed-type kernel returns y in T. (A module cast
+wholly to T folds scale and shift in T and loses ~u_T * kappa: measured 0.07 std on mean-100
+bfloat16 data; that configuration is not a row.)
+
+Each adapter's ``defaults()`` builds the layer from PyTorch's own defaults (no eps, no momentum
+passed) for the ``defaults`` check group.
+"""
 
 from __future__ import annotations
 
@@ -19,6 +29,15 @@ __all__ = ["TorchModuleAdapter", "TorchFunctionalAdapter", "factory"]
 _MODULES = {2: torch.nn.BatchNorm1d, 3: torch.nn.BatchNorm1d, 4: torch.nn.BatchNorm2d, 5: torch.nn.BatchNorm3d}
 
 
+def param_dtype(case: Case) -> torch.dtype:
+    """Parameters and running statistics: float32 for float16/bfloat16 cases (mixed precision), else T."""
+    return torch.float32 if case.dtype in ("float16", "bfloat16") else tu.DTYPES[case.dtype]
+
+
+def _ptensor(a, case: Case, device: str) -> torch.Tensor | None:
+    return None if a is None else torch.tensor(a, dtype=param_dtype(case), device=device)
+
+
 def _reason(case: Case, what: str) -> str | None:
     return axis_reason(case, (1,), what) or tu.layout_reason(case)
 
@@ -26,12 +45,17 @@ def _reason(case: Case, what: str) -> str | None:
 class TorchModuleAdapter:
     """``torch.nn.BatchNorm{1,2,3}d`` by rank; ``num_batches_tracked`` set from ``count``."""
 
-    def __init__(self, device: str) -> None:
+    def __init__(self, device: str, defaults: bool = False) -> None:
         self.convention = PRESETS["pytorch"]
         self.device = device
         self.name = f"torch.nn.BatchNorm*d[{device}] @pytorch"
         self.description = f"torch {torch.__version__} torch.nn.BatchNorm1d/2d/3d"
         self._cache: dict[Any, Any] = {}
+        self._defaults = defaults
+
+    def defaults(self) -> "TorchModuleAdapter":
+        """The module built as ``BatchNorm2d(C)``: PyTorch's defaults, nothing passed."""
+        return TorchModuleAdapter(self.device, defaults=True)
 
     def skip(self, case: Case) -> str | None:
         return _reason(case, "torch.nn.BatchNorm*d")
@@ -41,8 +65,11 @@ class TorchModuleAdapter:
         key = (case.rank, c, case.dtype, case.affine, case.eps, case.momentum)
         m = self._cache.get(key)
         if m is None:
-            m = _MODULES[case.rank](c, eps=case.eps, momentum=case.momentum, affine=case.affine,
-                                    device=self.device, dtype=tu.DTYPES[case.dtype])
+            if self._defaults:
+                m = _MODULES[case.rank](c, device=self.device, dtype=param_dtype(case))
+            else:
+                m = _MODULES[case.rank](c, eps=case.eps, momentum=case.momentum, affine=case.affine,
+                                        device=self.device, dtype=param_dtype(case))
             self._cache[key] = m
         out = tu.run_with_grad(case, self.device, m, tu.load_case_state(m, case, self.device))
         out["running_mean"], out["running_var"] = numpy_out(m.running_mean), numpy_out(m.running_var)
@@ -53,19 +80,24 @@ class TorchFunctionalAdapter:
     """``torch.nn.functional.batch_norm``. ``momentum=None`` is passed as the factor
     ``1 / (count + 1)``, which is what the modules do with ``num_batches_tracked`` (§3.3)."""
 
-    def __init__(self, device: str) -> None:
+    def __init__(self, device: str, defaults: bool = False) -> None:
         self.convention = PRESETS["pytorch"]
         self.device = device
         self.name = f"torch.nn.functional.batch_norm[{device}] @pytorch"
         self.description = f"torch {torch.__version__} F.batch_norm"
+        self._defaults = defaults
+
+    def defaults(self) -> "TorchFunctionalAdapter":
+        """``F.batch_norm(x, rm, rv, w, b, training=...)``: PyTorch's default momentum and eps."""
+        return TorchFunctionalAdapter(self.device, defaults=True)
 
     def skip(self, case: Case) -> str | None:
         return _reason(case, "F.batch_norm")
 
     def run(self, case: Case) -> dict[str, Any]:
         d = self.device
-        rm, rv = tu.tensor(case.running_mean, case, d), tu.tensor(case.running_var, case, d)
-        w, b = tu.tensor(case.gamma, case, d), tu.tensor(case.beta, case, d)
+        rm, rv = _ptensor(case.running_mean, case, d), _ptensor(case.running_var, case, d)
+        w, b = _ptensor(case.gamma, case, d), _ptensor(case.beta, case, d)
         for p in (w, b):
             if p is not None:
                 p.requires_grad_(True)
@@ -73,6 +105,8 @@ class TorchFunctionalAdapter:
         _, momentum = dataclasses.replace(self.convention, momentum=case.momentum).update_weights(case.count)
 
         def fwd(x: torch.Tensor) -> torch.Tensor:
+            if self._defaults:  # the default momentum 0.1 is the pytorch preset's; None is not a default
+                return F.batch_norm(x, rm, rv, w, b, training=case.training)
             return F.batch_norm(x, rm, rv, w, b, training=case.training, momentum=momentum, eps=case.eps)
 
         out = tu.run_with_grad(case, d, fwd, [w, b])

@@ -30,8 +30,9 @@ def _np_dtype(dtype: str) -> Any:
     return np.dtype(dtype)
 
 
-def batch_norm_model(rank: int, dtype: str, *, training: bool, eps: float, momentum: float) -> onnx.ModelProto:
-    """A one-node model: BatchNormalization-15 with every tensor in ``dtype``."""
+def batch_norm_model(rank: int, dtype: str, *, training: bool, eps: float | None, momentum: float | None) -> onnx.ModelProto:
+    """A one-node model: BatchNormalization-15 with every tensor in ``dtype``; ``eps`` / ``momentum``
+    None leave the attribute out (the operator's defaults)."""
     t = _TYPES[dtype]
     inputs = [helper.make_tensor_value_info("X", t, [None] * rank)] + [
         helper.make_tensor_value_info(n, t, [None]) for n in ("scale", "B", "input_mean", "input_var")
@@ -40,8 +41,12 @@ def batch_norm_model(rank: int, dtype: str, *, training: bool, eps: float, momen
     outputs = [helper.make_tensor_value_info("Y", t, [None] * rank)] + [
         helper.make_tensor_value_info(n, t, [None]) for n in outs[1:]
     ]
-    node = helper.make_node("BatchNormalization", ["X", "scale", "B", "input_mean", "input_var"], outs,
-                            epsilon=float(eps), momentum=float(momentum), training_mode=int(training))
+    attrs: dict[str, Any] = {"training_mode": int(training)}
+    if eps is not None:
+        attrs["epsilon"] = float(eps)
+    if momentum is not None:
+        attrs["momentum"] = float(momentum)
+    node = helper.make_node("BatchNormalization", ["X", "scale", "B", "input_mean", "input_var"], outs, **attrs)
     graph = helper.make_graph([node], "bn", inputs, outputs)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)])
     model.ir_version = min(model.ir_version, 8)
@@ -56,6 +61,13 @@ class _OnnxBase:
         self.convention = PRESETS["onnx"]
         self.name = f"{self.kind} @onnx"
         self._sessions: dict[Any, Any] = {}
+        self._defaults = False
+
+    def defaults(self) -> "_OnnxBase":
+        """The same evaluator with the node's ``epsilon`` and ``momentum`` attributes left out."""
+        other = type(self)()
+        other._defaults = True
+        return other
 
     def skip(self, case: Case) -> str | None:
         if case.momentum is None:
@@ -74,8 +86,8 @@ class _OnnxBase:
         key = (case.rank, case.dtype, case.training, case.eps, case.momentum)
         s = self._sessions.get(key)
         if s is None:
-            s = self._make(batch_norm_model(case.rank, case.dtype, training=case.training, eps=case.eps,
-                                            momentum=case.momentum))
+            eps, mom = (None, None) if self._defaults else (case.eps, case.momentum)
+            s = self._make(batch_norm_model(case.rank, case.dtype, training=case.training, eps=eps, momentum=mom))
             self._sessions[key] = s
         return s
 
