@@ -284,3 +284,36 @@ def resolve(
     if feature_axis is not None:
         changes["feature_axis"] = feature_axis
     return replace(conv, **changes) if changes else conv
+
+
+# -- Presets of the framework families (issue 14) ------------------------------------------------
+# Each is checked by a row of the matrix in its own environment (bn_ref/conformance/families.py) and
+# by a "(defaults)" row built from the framework's defaults. They are kept apart from PRESETS so that
+# the preset catalogue (golden vectors, per-preset tests) is unchanged until they are folded in.
+
+HAIKU = Convention("haiku", 1e-5, 0.999, "running", "biased", -1, "allow")
+"""dm-haiku 0.0.17 ``hk.BatchNorm``: eps 1e-5, channels last, biased variance; ``decay_rate`` has no
+default, 0.999 is what Haiku's own nets (``hk.nets.ResNet``, ``MobileNetV1``) pass. Its default
+zero-debiased moving average is not this preset (a ledger deviation, docs/findings.md)."""
+
+EQUINOX = Convention("equinox", 1e-5, 0.99, "running", "biased", 1, "allow")
+"""Equinox 0.13 ``eqx.nn.BatchNorm``: eps 1e-5, momentum 0.99 on the running term, features on axis 1
+(axis 0 of each vmapped sample), two-pass biased variance. Neither ``mode`` reproduces it exactly:
+``"ema"`` (the default) normalizes training batches with blended statistics, ``"batch"`` zero-debiases
+a hidden variance that starts at 1 (ledger deviations, docs/findings.md)."""
+
+STAX = Convention("stax", 1e-5, 0.99, "running", "biased", -1, "allow")
+"""``jax.example_libraries.stax.BatchNorm``: eps 1e-5, features last (it reduces over axes 0, 1, 2);
+it keeps no running statistics, so only the training forward and backward are checked (momentum
+here is a placeholder the row never uses)."""
+
+FAMILY_PRESETS: Mapping[str, Convention] = MappingProxyType({c.name: c for c in (HAIKU, EQUINOX, STAX)})
+"""Presets of the framework-family rows, by name (not yet in :data:`PRESETS`)."""
+
+PRESET_DOCS = MappingProxyType({  # noqa: F811 - extended, the presets above keep their order
+    **PRESET_DOCS,
+    "haiku": "dm-haiku hk.BatchNorm: eps 1e-5, decay 0.999 on the running term (Haiku's nets), biased, no zero-debias.",
+    "equinox": "Equinox eqx.nn.BatchNorm: eps 1e-5, momentum 0.99 on the running term, features on axis 1, biased.",
+    "stax": "jax.example_libraries.stax.BatchNorm: eps 1e-5, features last, batch statistics only (no running ones).",
+})
+__all__ = [*__all__, "FAMILY_PRESETS"]
