@@ -307,13 +307,24 @@ STAX = Convention("stax", 1e-5, 0.99, "running", "biased", -1, "allow")
 it keeps no running statistics, so only the training forward and backward are checked (momentum
 here is a placeholder the row never uses)."""
 
-FAMILY_PRESETS: Mapping[str, Convention] = MappingProxyType({c.name: c for c in (HAIKU, EQUINOX, STAX)})
+MLX = Convention("mlx", 1e-5, 0.1, "batch", "unbiased", -1, "error")
+"""MLX 0.32 ``mlx.nn.BatchNorm``: PyTorch's numbers (eps 1e-5, momentum 0.1 on the batch term, unbiased
+running variance since 0.32.1, n = 1 raises in training) with the features last (ranks 2-4 only)."""
+
+PADDLE = Convention("paddle", 1e-5, 0.9, "running", "biased", 1, "allow")
+"""PaddlePaddle 3.x ``paddle.nn.BatchNorm1D/2D/3D``: eps 1e-5, momentum 0.9 on the running term,
+biased running variance, features on axis 1 (NCHW and kin)."""
+
+FAMILY_PRESETS: Mapping[str, Convention] = MappingProxyType(
+    {c.name: c for c in (HAIKU, EQUINOX, STAX, MLX, PADDLE)})
 """Presets of the framework-family rows, by name (not yet in :data:`PRESETS`)."""
 
 PRESET_DOCS = MappingProxyType({  # noqa: F811 - extended, the presets above keep their order
     **PRESET_DOCS,
     "haiku": "dm-haiku hk.BatchNorm: eps 1e-5, decay 0.999 on the running term (Haiku's nets), biased, no zero-debias.",
     "equinox": "Equinox eqx.nn.BatchNorm: eps 1e-5, momentum 0.99 on the running term, features on axis 1, biased.",
+    "paddle": "PaddlePaddle paddle.nn.BatchNorm1D/2D/3D: eps 1e-5, momentum 0.9 on the running term, biased, NCHW.",
+    "mlx": "MLX mlx.nn.BatchNorm: PyTorch's eps, momentum and unbiased running variance, features last, n = 1 raises.",
     "stax": "jax.example_libraries.stax.BatchNorm: eps 1e-5, features last, batch statistics only (no running ones).",
 })
 __all__ = [*__all__, "FAMILY_PRESETS"]
