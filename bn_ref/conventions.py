@@ -315,8 +315,13 @@ PADDLE = Convention("paddle", 1e-5, 0.9, "running", "biased", 1, "allow")
 """PaddlePaddle 3.x ``paddle.nn.BatchNorm1D/2D/3D``: eps 1e-5, momentum 0.9 on the running term,
 biased running variance, features on axis 1 (NCHW and kin)."""
 
+MINDSPORE = Convention("mindspore", 1e-5, 0.9, "running", "unbiased", 1, "allow")
+"""MindSpore 2.10 ``mindspore.nn.BatchNorm1d/2d/3d`` on CPU: eps 1e-5, momentum 0.9 on the running term
+(passed to the kernel as 1 - momentum), features on axis 1, and -- unlike Paddle -- the unbiased
+variance in the running statistics (as executed; float16/float32 only)."""
+
 FAMILY_PRESETS: Mapping[str, Convention] = MappingProxyType(
-    {c.name: c for c in (HAIKU, EQUINOX, STAX, MLX, PADDLE)})
+    {c.name: c for c in (HAIKU, EQUINOX, STAX, MLX, PADDLE, MINDSPORE)})
 """Presets of the framework-family rows, by name (not yet in :data:`PRESETS`)."""
 
 PRESET_DOCS = MappingProxyType({  # noqa: F811 - extended, the presets above keep their order
@@ -324,6 +329,7 @@ PRESET_DOCS = MappingProxyType({  # noqa: F811 - extended, the presets above kee
     "haiku": "dm-haiku hk.BatchNorm: eps 1e-5, decay 0.999 on the running term (Haiku's nets), biased, no zero-debias.",
     "equinox": "Equinox eqx.nn.BatchNorm: eps 1e-5, momentum 0.99 on the running term, features on axis 1, biased.",
     "paddle": "PaddlePaddle paddle.nn.BatchNorm1D/2D/3D: eps 1e-5, momentum 0.9 on the running term, biased, NCHW.",
+    "mindspore": "MindSpore mindspore.nn.BatchNorm1d/2d/3d: eps 1e-5, momentum 0.9 on the running term, unbiased, NCHW.",
     "mlx": "MLX mlx.nn.BatchNorm: PyTorch's eps, momentum and unbiased running variance, features last, n = 1 raises.",
     "stax": "jax.example_libraries.stax.BatchNorm: eps 1e-5, features last, batch statistics only (no running ones).",
 })

@@ -72,7 +72,7 @@ def test_requirement_key_changes_with_the_steps():
 
 
 def test_family_presets_are_documented_and_distinct_from_presets():
-    assert set(FAMILY_PRESETS) == {"haiku", "equinox", "stax", "mlx", "paddle"}
+    assert set(FAMILY_PRESETS) == {"haiku", "equinox", "stax", "mlx", "paddle", "mindspore"}
     assert not set(FAMILY_PRESETS) & set(PRESETS)
     for name, conv in FAMILY_PRESETS.items():
         assert conv.name == name and "custom" not in conv.description

@@ -1,7 +1,9 @@
 """MindSpore ``mindspore.nn.BatchNorm1d/2d/3d`` (the ``mindspore`` family; CPU, PyNative mode).
 
 MindSpore's layers keep ``momentum`` on the running term (default 0.9, passed to the kernel as
-``1 - momentum``), eps 1e-5 and the features on axis 1 -- the ``paddle`` preset's numbers. The
+``1 - momentum``), eps 1e-5, the features on axis 1 and the unbiased running variance -- the
+``mindspore`` preset (Paddle's numbers but the unbiased estimator). Its CPU kernel takes float16
+and float32 only, so float64 cases are declined with that reason. The
 module is called for y and the running statistics; the gradients of ``sum(y * dy)`` come from
 ``mindspore.grad`` of the same call with the running statistics restored first (so the update is
 applied once). Rows: under the preset with eps and momentum passed, and a *defaults* row
@@ -31,17 +33,25 @@ _CLS = {2: "BatchNorm1d", 4: "BatchNorm2d", 5: "BatchNorm3d"}
 _DT = {"float64": ms.float64, "float32": ms.float32, "float16": ms.float16, "bfloat16": ms.bfloat16}
 
 
+def _param(net: Any, name: str) -> Any:
+    """The parameter whose name ends with ``name`` (BatchNorm3d keeps its own inside a BatchNorm2d)."""
+    inner = getattr(net, "bn2d", None)
+    return getattr(net, name, None) if inner is None else getattr(inner, name, None)
+
+
 class MindSporeAdapter:
     def __init__(self, defaults: bool) -> None:
         self.defaults = defaults
-        self.convention = FAMILY_PRESETS["paddle"]
-        self.name = ("mindspore.nn.BatchNorm{1d,2d,3d}(C) @paddle (defaults)" if defaults
-                     else "mindspore.nn.BatchNorm{1d,2d,3d} @paddle")
+        self.convention = FAMILY_PRESETS["mindspore"]
+        self.name = ("mindspore.nn.BatchNorm{1d,2d,3d}(C) @mindspore (defaults)" if defaults
+                     else "mindspore.nn.BatchNorm{1d,2d,3d} @mindspore")
         self.description = f"mindspore {ms.__version__} nn.BatchNorm1d/2d/3d on CPU"
 
     def skip(self, case: Case) -> str | None:
         if case.rank not in _CLS:
             return "mindspore.nn has BatchNorm1d for (N, C), BatchNorm2d for rank 4 and BatchNorm3d for rank 5 only"
+        if case.dtype in ("float64", "bfloat16"):
+            return f"MindSpore's CPU BatchNorm kernel takes float16 and float32 only, not {case.dtype}"
         if self.defaults:
             return defaults_skip(case, 1, "mindspore.nn.BatchNorm*d")
         if case.momentum is None:
@@ -56,7 +66,7 @@ class MindSporeAdapter:
         dt = _DT[case.dtype] if case.dtype == "float64" else ms.float32
         for name, val in (("gamma", case.gamma), ("beta", case.beta), ("moving_mean", case.running_mean),
                           ("moving_variance", case.running_var)):
-            p = getattr(net, name, None)
+            p = _param(net, name)
             if p is None:
                 continue
             if val is None:
@@ -72,10 +82,10 @@ class MindSporeAdapter:
         net = self._net(case, c)
         y = net(x)
         f64 = lambda t: as_f64(t.astype(ms.float32).asnumpy() if case.dtype != "float64" else t.asnumpy())  # noqa: E731
-        out = {"y": f64(y), "running_mean": f64(net.moving_mean), "running_var": f64(net.moving_variance)}
+        out = {"y": f64(y), "running_mean": f64(_param(net, "moving_mean")), "running_var": f64(_param(net, "moving_variance"))}
         gnet = self._net(case, c)
         dy = ms.Tensor(np.asarray(case.dy, np.float64 if case.dtype == "float64" else np.float32)).astype(y.dtype)
-        weights = [gnet.gamma, gnet.beta] if case.affine else None
+        weights = [_param(gnet, "gamma"), _param(gnet, "beta")] if case.affine else None
         fn = ms.grad(lambda x: (gnet(x) * dy).sum(), grad_position=0, weights=weights)
         g = fn(x)
         if case.affine:
