@@ -94,7 +94,11 @@ class HaikuAdapter:
         dt = ju.DTYPES[case.dtype]
         x = jnp.asarray(case.x, dt)
         c = case.x.shape[case.feature_axis]
-        params, state = fn.init(None, x, True)  # training creates the moving averages' state
+        ikey = ("init", id(fn), case.x.shape, case.dtype)
+        if ikey not in self._fns:  # the structure only: every value is overwritten below
+            self._fns[ikey] = jax.eval_shape(lambda x: fn.init(None, x, True), x)  # training creates the EMA state
+        params, state = jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), self._fns[ikey])
+        params, state = dict(params), dict(state)
         mod = next(iter(params)) if params else ""
         ema = {s: next(k for k in state if k.endswith(s)) for s in ("mean_ema", "var_ema")}
         bshape = params[mod]["scale"].shape if params else (c,)
