@@ -29,16 +29,41 @@ def tests(session: nox.Session) -> None:
     session.run("python", "-m", "pytest", "-n", os.environ.get("BN_REF_TEST_WORKERS", "2"), *session.posargs)
 
 
+def _split_only(posargs: list[str]) -> tuple[list[str], list[str]]:
+    """``--only NAME[,NAME]`` (repeatable) picks families; every other argument goes to the harness."""
+    only, rest, it = [], [], iter(posargs)
+    for a in it:
+        if a == "--only":
+            only.append(next(it, ""))
+        elif a.startswith("--only="):
+            only.append(a.split("=", 1)[1])
+        else:
+            rest.append(a)
+    return only, rest
+
+
 @nox.session
 def conformance(session: nox.Session) -> None:
-    """Check every BN implementation against the oracle and publish the matrix."""
+    """Check every BN implementation against the oracle and publish the matrix.
+
+    Each framework family (bn_ref/conformance/families.py) runs in its own virtual environment
+    (built under .nox/family-NAME on first use, reused afterwards) and process; the family reports
+    (conformance/families/NAME.json) are merged into conformance/report.json and
+    docs/conformance.md. ``nox -s conformance -- --only tensorflow`` runs one family (its report
+    stays in conformance/families/; the published matrix is only written by a full run). Other
+    arguments go to the harness (e.g. ``-- -k rank4``).
+    """
     _install(session)
-    session.run(
-        "python", "-m", "bn_ref.conformance",
-        "--json", os.path.join("conformance", "report.json"),
-        "--markdown", os.path.join("docs", "conformance.md"),
-        *session.posargs,
-    )
+    only, harness = _split_only(list(session.posargs))
+    out = os.path.join("conformance", "families")
+    session.run("python", "-m", "bn_ref.conformance.families", "run", *only, "--out", out,
+                "--envs", os.path.join(HERE, ".nox"), *[f"--harness-arg={a}" for a in harness])
+    merge = ["python", "-m", "bn_ref.conformance.merge", out]
+    if only:
+        session.run(*merge, "--families", ",".join(only), "--json", os.path.join(out, "merged-only.json"))
+    else:
+        session.run(*merge, "--json", os.path.join("conformance", "report.json"),
+                    "--markdown", os.path.join("docs", "conformance.md"))
 
 
 @nox.session

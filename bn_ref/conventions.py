@@ -284,3 +284,53 @@ def resolve(
     if feature_axis is not None:
         changes["feature_axis"] = feature_axis
     return replace(conv, **changes) if changes else conv
+
+
+# -- Presets of the framework families (issue 14) ------------------------------------------------
+# Each is checked by a row of the matrix in its own environment (bn_ref/conformance/families.py) and
+# by a "(defaults)" row built from the framework's defaults. They are kept apart from PRESETS so that
+# the preset catalogue (golden vectors, per-preset tests) is unchanged until they are folded in.
+
+HAIKU = Convention("haiku", 1e-5, 0.999, "running", "biased", -1, "allow")
+"""dm-haiku 0.0.17 ``hk.BatchNorm``: eps 1e-5, channels last, biased variance; ``decay_rate`` has no
+default, 0.999 is what Haiku's own nets (``hk.nets.ResNet``, ``MobileNetV1``) pass. Its default
+zero-debiased moving average is not this preset (a ledger deviation, docs/findings.md)."""
+
+EQUINOX = Convention("equinox", 1e-5, 0.99, "running", "biased", 1, "allow")
+"""Equinox 0.13 ``eqx.nn.BatchNorm``: eps 1e-5, momentum 0.99 on the running term, features on axis 1
+(axis 0 of each vmapped sample), two-pass biased variance. Neither ``mode`` reproduces it exactly:
+``"ema"`` (the default) normalizes training batches with blended statistics, ``"batch"`` zero-debiases
+a hidden variance that starts at 1 (ledger deviations, docs/findings.md)."""
+
+STAX = Convention("stax", 1e-5, 0.99, "running", "biased", -1, "allow")
+"""``jax.example_libraries.stax.BatchNorm``: eps 1e-5, features last (it reduces over axes 0, 1, 2);
+it keeps no running statistics, so only the training forward and backward are checked (momentum
+here is a placeholder the row never uses)."""
+
+MLX = Convention("mlx", 1e-5, 0.1, "batch", "unbiased", -1, "error")
+"""MLX 0.32 ``mlx.nn.BatchNorm``: PyTorch's numbers (eps 1e-5, momentum 0.1 on the batch term, unbiased
+running variance since 0.32.1, n = 1 raises in training) with the features last (ranks 2-4 only)."""
+
+PADDLE = Convention("paddle", 1e-5, 0.9, "running", "biased", 1, "allow")
+"""PaddlePaddle 3.x ``paddle.nn.BatchNorm1D/2D/3D``: eps 1e-5, momentum 0.9 on the running term,
+biased running variance, features on axis 1 (NCHW and kin)."""
+
+MINDSPORE = Convention("mindspore", 1e-5, 0.9, "running", "unbiased", 1, "allow")
+"""MindSpore 2.10 ``mindspore.nn.BatchNorm1d/2d/3d`` on CPU: eps 1e-5, momentum 0.9 on the running term
+(passed to the kernel as 1 - momentum), features on axis 1, and -- unlike Paddle -- the unbiased
+variance in the running statistics (as executed; float16/float32 only)."""
+
+FAMILY_PRESETS: Mapping[str, Convention] = MappingProxyType(
+    {c.name: c for c in (HAIKU, EQUINOX, STAX, MLX, PADDLE, MINDSPORE)})
+"""Presets of the framework-family rows, by name (not yet in :data:`PRESETS`)."""
+
+PRESET_DOCS = MappingProxyType({  # noqa: F811 - extended, the presets above keep their order
+    **PRESET_DOCS,
+    "haiku": "dm-haiku hk.BatchNorm: eps 1e-5, decay 0.999 on the running term (Haiku's nets), biased, no zero-debias.",
+    "equinox": "Equinox eqx.nn.BatchNorm: eps 1e-5, momentum 0.99 on the running term, features on axis 1, biased.",
+    "paddle": "PaddlePaddle paddle.nn.BatchNorm1D/2D/3D: eps 1e-5, momentum 0.9 on the running term, biased, NCHW.",
+    "mindspore": "MindSpore mindspore.nn.BatchNorm1d/2d/3d: eps 1e-5, momentum 0.9 on the running term, unbiased, NCHW.",
+    "mlx": "MLX mlx.nn.BatchNorm: PyTorch's eps, momentum and unbiased running variance, features last, n = 1 raises.",
+    "stax": "jax.example_libraries.stax.BatchNorm: eps 1e-5, features last, batch statistics only (no running ones).",
+})
+__all__ = [*__all__, "FAMILY_PRESETS"]

@@ -1,0 +1,124 @@
+"""tf.keras (Keras 2, the ``tf-keras`` package on TensorFlow) ``BatchNormalization``.
+
+tf.keras has two code paths that keep *different* running variances:
+
+* the **non-fused** path (``fused=False``, and every input of rank 2 or 3): moments by
+  ``tf.nn.moments``, the biased variance stored -- the ``keras`` preset;
+* the **fused** path (``fused=True`` or ``None`` on rank-4/5 input with the features on axis 1 or
+  the last axis, float16/bfloat16/float32 only): ``tf.compat.v1.nn.fused_batch_norm`` with
+  ``exponential_avg_factor = 1 - momentum``, whose kernel stores the Bessel-corrected variance
+  ``n/(n-1)·var`` (factor 1 at n = 1) -- the ``tf_fused`` preset.
+
+Rows: each path under its preset with eps/momentum/axis passed, plus two *defaults* rows built
+with ``BatchNormalization()`` and nothing else but the dtype policy (ranks 2-3 against ``keras``,
+ranks 4-5 against ``tf_fused``). Gradients come from ``tf.GradientTape`` with ``dy`` as the output
+gradient. This module runs in the ``tensorflow`` family's environment
+(:mod:`bn_ref.conformance.families`).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import tensorflow as tf  # noqa: E402
+import tf_keras  # noqa: E402
+
+from ...conventions import PRESETS  # noqa: E402
+from ..cases import Case  # noqa: E402
+from ._defaults import as_f64, defaults_skip  # noqa: E402
+
+__all__ = ["TFKerasAdapter", "factory"]
+
+_TF = {"float64": tf.float64, "float32": tf.float32, "float16": tf.float16, "bfloat16": tf.bfloat16}
+
+
+def _policy(dtype: str) -> str:
+    """The dtype policy a tf.keras user sets for this working dtype (mixed precision below float32)."""
+    return dtype if dtype in ("float32", "float64") else f"mixed_{dtype}"
+
+
+class TFKerasAdapter:
+    """``fused``: True/False passed to the layer, or None (the defaults rows: tf.keras chooses)."""
+
+    def __init__(self, fused: bool | None, defaults: bool = False, ranks: tuple[int, ...] = (2, 3, 4, 5)) -> None:
+        self.fused = fused
+        self.defaults = defaults
+        self.ranks = ranks
+        preset = "tf_fused" if (fused or (defaults and min(ranks) >= 4)) else "keras"
+        self.convention = PRESETS[preset]
+        if defaults:
+            self.name = f"tf_keras.layers.BatchNormalization() rank {min(ranks)}-{max(ranks)} @{preset} (defaults)"
+        else:
+            self.name = f"tf_keras.layers.BatchNormalization(fused={fused}) @{preset}"
+        self.description = (f"tf-keras {tf_keras.__version__} on tensorflow {tf.__version__} BatchNormalization, "
+                            + ("nothing passed but the dtype policy" if defaults else f"fused={fused}"))
+        self._layers: dict[Any, Any] = {}
+
+    def skip(self, case: Case) -> str | None:
+        if case.rank not in self.ranks:
+            return f"this row covers input ranks {self.ranks} (the other path is its own row)"
+        if self.defaults:
+            return defaults_skip(case, -1, "tf.keras BatchNormalization")
+        if case.momentum is None:
+            return "tf.keras BatchNormalization has no cumulative-average mode (momentum=None)"
+        if self.fused:
+            last = case.rank - 1
+            if case.feature_axis not in (1, last):
+                return "the fused kernel takes the features on axis 1 or the last axis only"
+            if case.dtype == "float64":
+                return "tf.keras refuses fused=True for float64 (the fused kernel has no float64 CPU kernel)"
+        return None
+
+    def _layer(self, case: Case) -> Any:
+        c = case.x.shape[case.feature_axis]
+        key = (case.x.shape[1:], case.feature_axis, case.dtype, case.affine, case.eps, case.momentum)
+        layer = self._layers.get(key)
+        if layer is None:
+            if self.defaults:
+                layer = tf_keras.layers.BatchNormalization(dtype=_policy(case.dtype))
+            else:
+                layer = tf_keras.layers.BatchNormalization(
+                    axis=case.feature_axis, momentum=case.momentum, epsilon=case.eps, center=case.affine,
+                    scale=case.affine, fused=self.fused, dtype=_policy(case.dtype))
+            layer.build((None,) + tuple(case.x.shape[1:]))
+            if self.fused and not layer.fused:
+                raise RuntimeError("tf.keras did not take the fused path for this case")
+            if layer.moving_mean.shape[0] != c:
+                raise RuntimeError(f"layer built with {layer.moving_mean.shape[0]} features, the case has {c}")
+            self._layers[key] = layer
+        return layer
+
+    def run(self, case: Case) -> dict[str, Any]:
+        layer = self._layer(case)
+        vdt = layer.moving_mean.dtype
+        if case.affine:
+            layer.gamma.assign(tf.constant(case.gamma, vdt))
+            layer.beta.assign(tf.constant(case.beta, vdt))
+        layer.moving_mean.assign(tf.constant(case.running_mean, vdt))
+        layer.moving_variance.assign(tf.constant(case.running_var, vdt))
+        x = tf.constant(case.x, _TF[case.dtype])
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            y = layer(x, training=case.training)
+        out: dict[str, Any] = {"y": as_f64(tf.cast(y, tf.float32 if case.dtype != "float64" else tf.float64)),
+                               "running_mean": as_f64(layer.moving_mean.numpy()),
+                               "running_var": as_f64(layer.moving_variance.numpy())}
+        if case.dy is not None:
+            sources = [x] + ([layer.gamma, layer.beta] if case.affine else [])
+            grads = tape.gradient(y, sources, output_gradients=tf.constant(case.dy, y.dtype))
+            out["dx"] = as_f64(tf.cast(grads[0], tf.float64))
+            if case.affine:
+                out["dgamma"], out["dbeta"] = as_f64(grads[1].numpy()), as_f64(grads[2].numpy())
+        return out
+
+
+def factory() -> list[Any]:
+    return [
+        TFKerasAdapter(fused=False),
+        TFKerasAdapter(fused=True, ranks=(4, 5)),
+        TFKerasAdapter(fused=None, defaults=True, ranks=(2, 3)),
+        TFKerasAdapter(fused=None, defaults=True, ranks=(4, 5)),
+    ]

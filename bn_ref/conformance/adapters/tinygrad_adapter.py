@@ -1,0 +1,83 @@
+"""tinygrad ``nn.BatchNorm`` (the ``tinygrad`` family).
+
+tinygrad's layer follows PyTorch's conventions (eps 1e-5, momentum 0.1 on the batch term, the
+running variance Bessel-corrected by ``numel / (numel - C)``, features on axis 1); training is the
+global ``TRAINING`` context variable. Gradients of ``sum(y * dy)`` come from ``Tensor.gradient``
+with ``dy`` as the output gradient. Rows: under the ``pytorch`` preset with eps and momentum
+passed, and a *defaults* row ``nn.BatchNorm(C)``. When no device is chosen the adapter takes
+``DEV=CPU`` if ``clang`` is on the PATH (tinygrad's CPU device compiles kernels with it) and
+otherwise ``DEV=PYTHON``, tinygrad's pure-Python emulator (same kernels, slower).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from typing import Any
+
+os.environ.setdefault("DEV", "CPU" if shutil.which("clang") else "PYTHON")
+
+import numpy as np  # noqa: E402
+from tinygrad import Tensor, dtypes, nn  # noqa: E402
+from tinygrad.helpers import Context  # noqa: E402
+
+from ...conventions import PRESETS  # noqa: E402
+from ..cases import Case  # noqa: E402
+from ._defaults import as_f64, defaults_skip  # noqa: E402
+
+__all__ = ["TinygradAdapter", "factory"]
+
+_DT = {"float64": dtypes.float64, "float32": dtypes.float32, "float16": dtypes.float16, "bfloat16": dtypes.bfloat16}
+
+
+def _version() -> str:
+    from importlib import metadata
+
+    return metadata.version("tinygrad")
+
+
+class TinygradAdapter:
+    def __init__(self, defaults: bool) -> None:
+        self.defaults = defaults
+        self.convention = PRESETS["pytorch"]
+        self.name = "tinygrad.nn.BatchNorm(C) @pytorch (defaults)" if defaults else "tinygrad.nn.BatchNorm @pytorch"
+        self.description = f"tinygrad {_version()} nn.BatchNorm on device {os.environ.get('DEV')}"
+
+    def skip(self, case: Case) -> str | None:
+        if self.defaults:
+            return defaults_skip(case, 1, "tinygrad nn.BatchNorm")
+        if case.momentum is None:
+            return "tinygrad nn.BatchNorm has no cumulative-average mode (momentum=None)"
+        if case.feature_axis != 1:
+            return "tinygrad nn.BatchNorm takes the features on axis 1 only"
+        return None
+
+    def run(self, case: Case) -> dict[str, Any]:
+        c = case.x.shape[1]
+        dt = _DT[case.dtype]
+        if self.defaults:
+            bn = nn.BatchNorm(c)
+        else:
+            bn = nn.BatchNorm(c, eps=case.eps, affine=case.affine, momentum=case.momentum)
+        if bn.weight is not None:
+            bn.weight = Tensor(np.asarray(case.gamma if case.affine else np.ones(c)), dtype=dt)
+            bn.bias = Tensor(np.asarray(case.beta if case.affine else np.zeros(c)), dtype=dt)
+        bn.running_mean = Tensor(np.asarray(case.running_mean), dtype=dt)
+        bn.running_var = Tensor(np.asarray(case.running_var), dtype=dt)
+        x = Tensor(np.asarray(case.x), dtype=dt)
+        with Context(TRAINING=int(case.training)):
+            y = bn(x)
+            targets = [x] + ([bn.weight, bn.bias] if case.affine else [])
+            grads = y.gradient(*targets, gradient=Tensor(np.asarray(case.dy), dtype=y.dtype))
+            out: dict[str, Any] = {"y": as_f64(y.float().numpy() if case.dtype != "float64" else y.numpy()),
+                                   "dx": as_f64(grads[0].cast(dtypes.float64).numpy())}
+            if case.affine:
+                out["dgamma"] = as_f64(grads[1].cast(dtypes.float64).numpy())
+                out["dbeta"] = as_f64(grads[2].cast(dtypes.float64).numpy())
+            out["running_mean"] = as_f64(bn.running_mean.cast(dtypes.float64).numpy())
+            out["running_var"] = as_f64(bn.running_var.cast(dtypes.float64).numpy())
+        return out
+
+
+def factory() -> list[Any]:
+    return [TinygradAdapter(defaults=False), TinygradAdapter(defaults=True)]

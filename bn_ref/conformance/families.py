@@ -1,0 +1,261 @@
+"""Framework families: each runs in its own virtual environment and process, then the reports merge.
+
+TensorFlow, JAX, Paddle, MindSpore and Keras 3 pin conflicting versions of numpy, ml_dtypes and
+protobuf, and Keras 3 fixes its backend once per process. So the matrix is split into *families*:
+each family names the pip requirements of its environment, the adapter factories it runs, and the
+environment variables of its process (``KERAS_BACKEND``). A family is run by
+
+    python -m bn_ref.conformance.families run NAME --out DIR [--root REPO] [--envs DIR]
+
+which builds (or reuses) the family's virtual environment under ``--envs`` (``.nox/family-<env>``
+by default, so nox's cache holds it), installs bn-ref there, runs ``python -m bn_ref.conformance
+--adapter ... --json DIR/NAME.json`` in a fresh process and writes ``DIR/NAME.meta.json`` (harness
+seconds, install size, the reason when the environment could not be built). A family whose
+environment cannot be built, or whose harness writes no report, still yields a report: one row per
+adapter factory carrying the reason (:func:`missing_report`), so it is never silently missing.
+:mod:`bn_ref.conformance.merge` merges the family reports into ``conformance/report.json`` and
+``docs/conformance.md``; ``nox -s conformance`` does all of it (``-- --only NAME`` for one family).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+__all__ = ["Family", "FAMILIES", "CORE", "get", "select", "missing_report", "env_dir", "ensure_env",
+           "run_family", "main"]
+
+_A = "bn_ref.conformance.adapters."
+_BASE_REQS = ("hypothesis>=6.100", "ml_dtypes>=0.4")  # what the harness itself needs besides numpy
+
+
+@dataclass(frozen=True)
+class Family:
+    """One row group of the matrix, run in its own environment and process.
+
+    ``steps`` are pip argument lists run in order in a fresh venv (several steps let a package be
+    installed ``--no-deps``: tf-keras depends on ``tensorflow``, which would pull the CUDA-ready
+    build over ``tensorflow-cpu``). ``env`` names the venv; families with the same ``env`` share it
+    (Keras 3 on TensorFlow uses the TensorFlow family's venv). ``core`` families run in the nox
+    session's own environment (the packages of bn-ref's extras), no venv is built for them.
+    """
+
+    name: str
+    adapters: tuple[str, ...]
+    steps: tuple[tuple[str, ...], ...] = ()
+    env: str = ""
+    variables: tuple[tuple[str, str], ...] = ()
+    core: bool = False
+    what: str = ""
+    extra_args: tuple[str, ...] = field(default=())
+
+    @property
+    def env_name(self) -> str:
+        return "core" if self.core else (self.env or self.name)
+
+    def requirement_key(self) -> str:
+        """A hash of the install steps: a venv built for other steps is rebuilt."""
+        return hashlib.sha256(json.dumps([self.steps, list(_BASE_REQS)]).encode()).hexdigest()[:16]
+
+
+TF_STEPS: tuple[tuple[str, ...], ...] = (("tensorflow-cpu==2.21.*",), ("--no-deps", "tf-keras==2.21.*"))
+JAX_STEPS: tuple[tuple[str, ...], ...] = (("jax[cpu]>=0.4.30", "dm-haiku", "equinox"),)
+
+FAMILIES: tuple[Family, ...] = (
+    Family("core", tuple(), core=True,
+           what="bn-ref's own backends, PyTorch, Flax, Keras 3 on JAX, ONNX, d2l and the distributed rows "
+                "(the adapters built into the harness)"),
+    Family("tensorflow", (_A + "tf_keras:factory",), TF_STEPS,
+           what="tf.keras (Keras 2, tf-keras) BatchNormalization: non-fused and fused paths, TensorFlow CPU"),
+    Family("keras-tensorflow", (_A + "keras_backends:factory",), TF_STEPS, env="tensorflow",
+           variables=(("KERAS_BACKEND", "tensorflow"),), what="Keras 3 BatchNormalization on the TensorFlow backend"),
+    Family("keras-torch", (_A + "keras_backends:factory",), core=True,
+           variables=(("KERAS_BACKEND", "torch"),), what="Keras 3 BatchNormalization on the PyTorch backend"),
+    Family("keras-numpy", (_A + "keras_backends:factory",), core=True,
+           variables=(("KERAS_BACKEND", "numpy"),), what="Keras 3 BatchNormalization on the NumPy backend"),
+    Family("keras-jax", (_A + "keras_backends:factory",), core=True,
+           variables=(("KERAS_BACKEND", "jax"),),
+           what="Keras 3 BatchNormalization on the JAX backend, built from its defaults (the preset row is in core)"),
+    Family("jax-libraries", (_A + "haiku_adapter:factory", _A + "equinox_adapter:factory", _A + "stax_adapter:factory"),
+           JAX_STEPS, what="dm-haiku hk.BatchNorm, Equinox eqx.nn.BatchNorm, jax.example_libraries.stax.BatchNorm"),
+    Family("tinygrad", (_A + "tinygrad_adapter:factory",), (("tinygrad",),), what="tinygrad nn.BatchNorm"),
+    Family("paddle", (_A + "paddle_adapter:factory",), (("paddlepaddle",),),
+           what="PaddlePaddle paddle.nn.BatchNorm1D/2D/3D (CPU)"),
+    Family("mlx", (_A + "mlx_adapter:factory",), (("mlx[cpu]",),), what="MLX mlx.nn.BatchNorm (CPU build for Linux)"),
+    Family("openvino", (_A + "openvino_adapter:factory",), (("openvino",),),
+           what="OpenVINO BatchNormInference-5 (inference only)"),
+    # mindspore 2.10's metadata admits numpy 2, but with numpy 2.4 a multiply inside mindspore.grad
+    # fails ("numpy.core.multiarray failed to import"); ml_dtypes < 0.5 is the line that works on numpy 1.
+    Family("mindspore", (_A + "mindspore_adapter:factory",), (("mindspore", "numpy<2", "ml_dtypes<0.5"),),
+           what="MindSpore nn.BatchNorm1d/2d/3d (CPU)"),
+)
+"""The family table, in report order. ``core`` runs the harness's built-in rows."""
+
+CORE = FAMILIES[0]
+
+
+def get(name: str) -> Family:
+    for f in FAMILIES:
+        if f.name == name:
+            return f
+    raise ValueError(f"unknown family {name!r}; known: {', '.join(f.name for f in FAMILIES)}")
+
+
+def select(only: Sequence[str] | None) -> list[Family]:
+    """The families named in ``only`` (comma-separated items allowed), or all of them."""
+    if not only:
+        return list(FAMILIES)
+    names = [n.strip() for item in only for n in item.split(",") if n.strip()]
+    return [get(n) for n in names]
+
+
+def missing_report(family: Family, reason: str, *, error: bool = False) -> dict:
+    """A report with one row per adapter factory of ``family`` saying why it did not run.
+
+    ``error=False`` makes the rows *skipped* (an environment that cannot be built on this machine, a
+    wheel that does not exist for this Python); ``error=True`` makes them errors (the harness crashed).
+    """
+    rows = []
+    for spec in family.adapters or ("(built-in adapters)",):
+        mod = spec.split(":")[0].rsplit(".", 1)[-1]
+        rows.append({"name": f"[{family.name}] {mod}", "convention": "?", "description": family.what,
+                     "wall_s": 0.0, "build_error": reason if error else None,
+                     "build_skip": None if error else reason, "groups": {}, "skipped_cases": [], "random": []})
+    return {"schema": "bn-ref-conformance/1", "generated": None, "command": f"family {family.name}",
+            "selection": None, "wall_s": 0.0, "versions": {}, "tolerances": {}, "ledger": {"path": None, "entries": []},
+            "cases": [], "adapters": rows,
+            "totals": {"pass": 0, "fail": 0, "error": 0, "xfail": 0, "skip": 0,
+                       "build_errors": len(rows) if error else 0, "xpass_entries": 0},
+            "non_pass_checks": [], "unexpected": len(rows) if error else 0}
+
+
+def env_dir(family: Family, envs: Path) -> Path:
+    return envs / f"family-{family.env_name}"
+
+
+def _python(venv: Path) -> Path:
+    return venv / ("Scripts/python.exe" if os.name == "nt" else "bin/python")
+
+
+def _tail(text: str, n: int = 3) -> str:
+    lines = [ln.strip() for ln in text.strip().splitlines() if ln.strip() and not ln.startswith("WARNING")]
+    return " / ".join(lines[-n:])[:400]
+
+
+def _du(path: Path) -> int:
+    total = 0
+    for p in path.rglob("*"):
+        try:
+            if p.is_file() and not p.is_symlink():
+                total += p.stat().st_size
+        except OSError:
+            pass
+    return total
+
+
+def ensure_env(family: Family, root: Path, envs: Path, *, log=print) -> tuple[Path | None, str | None, dict]:
+    """Build or reuse the family's venv; return (python, reason it could not be built, install facts).
+
+    A venv is reused when its stamp (the hash of the install steps) matches; otherwise it is built
+    afresh. bn-ref itself is not installed there: the harness process imports it from ``root``
+    through ``PYTHONPATH`` (numpy comes with every framework; the harness's other needs are in
+    ``_BASE_REQS``).
+    """
+    if family.core:
+        return Path(sys.executable), None, {"env": "core"}
+    venv = env_dir(family, envs)
+    py = _python(venv)
+    stamp = venv / "bn-ref-family.stamp"
+    key = family.requirement_key()
+    facts: dict = {"env": str(venv)}
+    if py.exists() and stamp.is_file() and stamp.read_text().strip() == key:
+        facts["reused"] = True
+    else:
+        facts["reused"] = False
+        if venv.exists():
+            shutil.rmtree(venv)
+        t0 = time.perf_counter()
+        steps = [("-m", "venv", str(venv))]
+        pip = [str(py), "-m", "pip", "install", "--disable-pip-version-check", "-q"]
+        cmds = [[sys.executable, *steps[0]]] + [pip + list(s) for s in family.steps] + [pip + list(_BASE_REQS)]
+        for cmd in cmds:
+            log(f"[{family.name}] {' '.join(cmd[-4:])}")
+            p = subprocess.run(cmd, capture_output=True, text=True)
+            if p.returncode != 0:
+                reason = f"environment not built: `pip install {' '.join(cmd[len(pip):])}` failed: {_tail(p.stderr or p.stdout)}"
+                return None, reason, facts | {"install_s": round(time.perf_counter() - t0, 1)}
+        stamp.write_text(key + "\n")
+        facts["install_s"] = round(time.perf_counter() - t0, 1)
+    facts["install_mb"] = round(_du(venv) / 2**20)
+    return py, None, facts
+
+
+def run_family(family: Family, out_dir: Path, *, root: Path, envs: Path, harness_args: Sequence[str] = (),
+               log=print) -> Path:
+    """Run one family in its own process; always write ``out_dir/NAME.json`` (a report) and ``NAME.meta.json``."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    report = out_dir / f"{family.name}.json"
+    meta_path = out_dir / f"{family.name}.meta.json"
+    report.unlink(missing_ok=True)
+    py, reason, facts = ensure_env(family, root, envs, log=log)
+    meta = {"family": family.name, "what": family.what, **facts}
+    if py is None:
+        meta["reason"] = reason
+        report.write_text(json.dumps(missing_report(family, str(reason)), indent=1) + "\n")
+        meta_path.write_text(json.dumps(meta, indent=1) + "\n")
+        return report
+    cmd = [str(py), "-m", "bn_ref.conformance", "--json", str(report), *family.extra_args, *harness_args]
+    for spec in family.adapters:
+        cmd += ["--adapter", spec]
+    env = dict(os.environ, **dict(family.variables))
+    if not family.core:  # bn-ref itself comes from the checkout, not from the venv
+        env["PYTHONPATH"] = str(root)
+    log(f"[{family.name}] {' '.join(cmd[1:])}")
+    t0 = time.perf_counter()
+    p = subprocess.run(cmd, env=env, cwd=str(root), capture_output=True, text=True)
+    meta["harness_s"] = round(time.perf_counter() - t0, 1)
+    meta["exit_status"] = p.returncode
+    if not report.is_file():
+        reason = f"the harness wrote no report (exit {p.returncode}): {_tail(p.stderr)}"
+        meta["reason"] = reason
+        report.write_text(json.dumps(missing_report(family, reason, error=True), indent=1) + "\n")
+    else:
+        tail = p.stdout.strip().splitlines()[-1:] if p.stdout.strip() else []
+        log(f"[{family.name}] {tail[0] if tail else ''} ({meta['harness_s']} s)")
+    meta_path.write_text(json.dumps(meta, indent=1) + "\n")
+    return report
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m bn_ref.conformance.families",
+                                description="Run framework families of the conformance matrix in their own venvs.")
+    sub = p.add_subparsers(dest="cmd", required=True)
+    sub.add_parser("list", help="print the family table")
+    r = sub.add_parser("run", help="run families (build their venvs when needed)")
+    r.add_argument("names", nargs="*", help="families to run (default: all)")
+    r.add_argument("--out", default=os.path.join("conformance", "families"), help="directory of the family reports")
+    r.add_argument("--root", default=str(Path(__file__).resolve().parents[2]), help="the bn-ref checkout to install")
+    r.add_argument("--envs", default=".nox", help="where the family venvs live (default .nox, nox's cache)")
+    r.add_argument("--harness-arg", action="append", default=[], help="extra argument for the harness (repeatable)")
+    args = p.parse_args(list(sys.argv[1:] if argv is None else argv))
+    if args.cmd == "list":
+        for f in FAMILIES:
+            print(f"{f.name:18s} env={f.env_name:12s} {' ; '.join(' '.join(s) for s in f.steps) or '(core)':55s} {f.what}")
+        return 0
+    for fam in select(args.names):
+        run_family(fam, Path(args.out), root=Path(args.root), envs=Path(args.envs), harness_args=args.harness_arg,
+                   log=lambda m: print(m, file=sys.stderr, flush=True))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
