@@ -134,6 +134,26 @@ def _conv_json(conv: Any) -> dict[str, Any] | str:
         return repr(conv)
 
 
+OWN_PREFIXES = ("bn_ref.", "bn_ref ")
+"""Rows that are bn-ref's own (its layers and the oracle's self-check); the rest are framework rows."""
+
+
+def own_unexpected(report: Mapping[str, Any]) -> int:
+    """Unexpected failures and errors in bn-ref's own rows (and load errors of those rows).
+
+    The built-in matrix exits 1 on these only: a framework row that fails is a finding about that
+    framework (listed, and in ``docs/findings.md``), not a failure of the run; ``--strict`` counts
+    every row.
+    """
+    n = sum(1 for c in report.get("non_pass_checks", [])
+            if c.get("status") in BAD and str(c.get("adapter", "")).startswith(OWN_PREFIXES))
+    n += sum(1 for a in report.get("adapters", [])
+             if a.get("build_error") and str(a.get("name", "")).startswith(OWN_PREFIXES))
+    n += sum(1 for r in report.get("fold", []) or []
+             if str(r.get("row", "")).startswith(OWN_PREFIXES) and (r.get("error") or not (r.get("skip") or r.get("passed"))))
+    return n
+
+
 def unexpected(results: Sequence[AdapterResult]) -> int:
     """Number of unexpected failures and errors, load errors included (the exit status is 1 when > 0)."""
     n = sum(1 for r in results if r.build_error)

@@ -124,7 +124,10 @@ def batch_statistics(x: torch.Tensor, ax: int) -> tuple[torch.Tensor, torch.Tens
 
 def inverse_std(var: torch.Tensor, eps: float, dtype: torch.dtype) -> torch.Tensor:
     """§2.2 / §4: ``1 / sqrt(var + eps)`` per channel, (C,) in ``dtype`` (the compute dtype)."""
-    return torch.rsqrt(var.to(dtype) + eps)
+    # 1/sqrt rather than rsqrt: autograd of rsqrt forms (var + eps)^(-3/2), which underflows to 0 in
+    # float32 once var > ~1e25 (the "autograd" implementation differentiates this); sqrt then the
+    # reciprocal keep every factor in range. The closed-form backward (§5.1) needs only the value.
+    return 1.0 / torch.sqrt(var.to(dtype) + eps)
 
 
 def _standardize(x: torch.Tensor, mean: torch.Tensor, inv_std: torch.Tensor, bshape: Sequence[int]) -> torch.Tensor:
