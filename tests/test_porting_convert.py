@@ -262,7 +262,7 @@ def test_cli_any_state_dict_both_ways(tmp_path, capsys) -> None:
     x = _x((4, 3, 6, 6))
     template = fm.init(jax.random.PRNGKey(0), jnp.asarray(pm.nchw_to_nhwc(x)))
     torch.save(tm.state_dict(), tmp_path / "src.pt")
-    np.savez(tmp_path / "tmpl.npz", **convert._flatten(jax.tree_util.tree_map(np.asarray, template)))
+    np.savez(tmp_path / "tmpl.npz", **convert.flatten_variables(jax.tree_util.tree_map(np.asarray, template)))
     (tmp_path / "map.json").write_text(json.dumps({"proj": "proj"}))
     assert convert.main(["--from", "torch", str(tmp_path / "src.pt"), "--to", "flax", str(tmp_path / "out.msgpack"),
                          "--template", str(tmp_path / "tmpl.npz"), "--mapping", str(tmp_path / "map.json")]) == 0
@@ -290,7 +290,7 @@ def test_cli_any_state_dict_both_ways(tmp_path, capsys) -> None:
     assert convert.main(["--from", "torch", str(tmp_path / "src.pt"), "--to", "flax", str(tmp_path / "out.npz"),
                          "--template", str(tmp_path / "tmpl.npz"), "--mapping", str(tmp_path / "map.json")]) == 0
     again = convert._load(str(tmp_path / "out.npz"), "flax")
-    for (k1, a), (k2, b) in zip(sorted(convert._flatten(again).items()), sorted(convert._flatten(variables).items())):
+    for (k1, a), (k2, b) in zip(sorted(convert.flatten_variables(again).items()), sorted(convert.flatten_variables(variables).items())):
         assert k1 == k2 and np.array_equal(a, b)
 
     # A pickle crafted to run code is refused without running it (as a template and as a source).

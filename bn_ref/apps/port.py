@@ -25,6 +25,8 @@ from typing import Any, Mapping
 
 import numpy as np
 
+from ..porting.convert import flatten_variables
+
 __all__ = ["LAYOUT", "PortFileError", "flatten_variables", "flax_to_torch", "read_weights", "torch_to_flax", "write_weights"]
 
 # Flax submodule name -> (kind, PyTorch Sequential index with BN, index without BN)
@@ -198,18 +200,6 @@ def _unflatten(flat: Mapping[str, np.ndarray]) -> dict[str, Any]:
                 raise PortFileError(f"array name {name!r} clashes with another array")
         node[leaf] = value
     return tree
-
-
-def flatten_variables(variables: Mapping[str, Any], prefix: str = "") -> dict[str, np.ndarray]:
-    """Nested Flax variables as ``{"params/conv1/kernel": array, ...}`` (the .npz layout port writes)."""
-    flat: dict[str, np.ndarray] = {}
-    for key, value in variables.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, Mapping):
-            flat.update(flatten_variables(value, name + "/"))
-        else:
-            flat[name] = np.asarray(value)
-    return flat
 
 
 def _from_flat(flat: Mapping[str, np.ndarray], backend: str, path: Any) -> Any:

@@ -44,6 +44,7 @@ __all__ = [
     "pair_layers",
     "torch_to_flax",
     "flax_to_torch",
+    "flatten_variables",
 ]
 
 # -- per-layer converters ---------------------------------------------------------------------
@@ -793,15 +794,17 @@ def _unflatten(flat: Mapping[str, np.ndarray], path: str) -> dict[str, Any]:
     return out
 
 
-def _flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, np.ndarray]:
-    out: dict[str, np.ndarray] = {}
-    for k, v in tree.items():
-        name = f"{prefix}{k}"
-        if isinstance(v, Mapping):
-            out.update(_flatten(v, name + "/"))
+def flatten_variables(variables: Mapping[str, Any], prefix: str = "") -> dict[str, np.ndarray]:
+    """Nested Flax variables as ``{"params/conv1/kernel": array, ...}``: the ``.npz`` layout of
+    ported Flax weights (``bn-ref port`` writes and reads it)."""
+    flat: dict[str, np.ndarray] = {}
+    for key, value in variables.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            flat.update(flatten_variables(value, name + "/"))
         else:
-            out[name] = np.asarray(v)
-    return out
+            flat[name] = np.asarray(value)
+    return flat
 
 
 def _parse_flatten(items: Sequence[str] | None) -> dict[str, Any]:
@@ -861,7 +864,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 payload = serialization.msgpack_serialize(out)
             else:
                 buf = io.BytesIO()
-                np.savez(buf, **_flatten(out))
+                np.savez(buf, **flatten_variables(out))
                 payload = buf.getvalue()
         else:
             import torch
