@@ -251,8 +251,8 @@ def _ghost_forward(x64, gamma, beta, rm, rv, conv, variant, lay, count) -> Varia
     # §14.3 (tf-keras): one update from the means of the sub-batch statistics.
     if rm is None:
         return VariantResult(y, None, None, count + 1)
-    mean = np.mean([s[0] for s in stats], axis=0)
-    var_fed = np.mean([s[1] * conv.variance_correction(s[2]) for s in stats], axis=0)
+    mean = np.mean([np.asarray(s[0]) for s in stats], axis=0)
+    var_fed = np.mean([np.asarray(s[1]) * conv.variance_correction(s[2]) for s in stats], axis=0)
     w_r, w_b = conv.update_weights(count)
     rm64, rv64 = np.asarray(rm, np.float64), np.asarray(rv, np.float64)
     return VariantResult(y, w_r * rm64 + w_b * mean, w_r * rv64 + w_b * var_fed, count + 1)
@@ -323,14 +323,15 @@ def backward(
     if not variant.track_running_stats:
         return oracle.backward(dy64, x64, gamma, training=True, convention=conv, axis=lay.axis)
     if variant.frozen != "no" or not training:
-        dx, dg, db = oracle.backward(dy64, x64, gamma, training=False, convention=conv, axis=lay.axis,
-                                     running_mean=running_mean, running_var=running_var)
+        dx_e, dg_e, db_e = oracle.backward(dy64, x64, gamma, training=False, convention=conv, axis=lay.axis,
+                                           running_mean=running_mean, running_var=running_var)
         if variant.frozen == "all":
-            return dx, None, None
-        return dx, dg, db
+            return dx_e, None, None
+        return dx_e, dg_e, db_e
     if variant.ghost_batch_size is not None:  # §14.1: each sub-batch is an independent BN
         dx = np.empty_like(x64)
-        dg = db = None
+        dg: np.ndarray | None = None
+        db: np.ndarray | None = None
         for sl in _chunks(x64.shape[0], int(variant.ghost_batch_size)):
             dxs, dgs, dbs = oracle.backward(dy64[sl], x64[sl], gamma, training=True, convention=conv, axis=lay.axis)
             dx[sl] = dxs
@@ -371,7 +372,8 @@ def precise_statistics(
         raise ValueError("precise_statistics needs at least one batch; got none")
     first = np.asarray(batches[0], np.float64)
     c = first.shape[_checks.layout(first.shape, conv.feature_axis if axis is None else axis).axis]
-    rm, rv = np.zeros(c), np.ones(c)
+    rm: Any = np.zeros(c)
+    rv: Any = np.ones(c)
     if not pooled:
         for k, b in enumerate(batches):
             res = oracle.forward(b, None, None, rm, rv, training=True, convention=conv, axis=axis, count=k)

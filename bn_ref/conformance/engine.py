@@ -552,7 +552,7 @@ def run_adapter(
     out.findings.extend(f"computes in {j} on {d} input (declared by the adapter; judged at {j} tolerance)"
                         for d, j in sorted(declared))
     make_defaults = getattr(adapter, "defaults", None)
-    if make_defaults is not None:
+    if callable(make_defaults):  # a plain ``defaults`` flag (a row built from defaults) is not the hook
         _run_defaults(out, adapter, make_defaults, specs)
     for rid in randoms:
         dtype = rid.split("-", 1)[1]

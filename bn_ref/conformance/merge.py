@@ -19,7 +19,7 @@ import copy
 import json
 import sys
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Sequence, cast
 
 __all__ = ["merge_reports", "family_table", "render", "load_dir", "main"]
 
@@ -69,7 +69,8 @@ def merge_reports(reports: Sequence[tuple[str, dict[str, Any]]], *,
     if not reports:
         raise ValueError("merge_reports: no family reports to merge")
     base = next((r for _, r in reports if r.get("cases")), reports[0][1])
-    adapters, checks = [], []
+    adapters: list[dict[str, Any]] = []
+    checks: list[dict[str, Any]] = []
     totals = dict.fromkeys(_TOTAL_KEYS, 0)
     versions: dict[str, Any] = {}
     for fam, rep in reports:
@@ -125,7 +126,7 @@ def render(merged: dict[str, Any]) -> str:
     """``docs/conformance.md`` for a merged report."""
     from . import report as _report  # the single call site into the report module
 
-    return _report.render_markdown(merged).rstrip("\n") + "\n\n" + family_table(merged)
+    return _report.render_markdown(cast("_report.Report", merged)).rstrip("\n") + "\n\n" + family_table(merged)
 
 
 def load_dir(directory: Path, order: Sequence[str] | None = None) -> tuple[list[tuple[str, dict]], dict[str, dict]]:

@@ -435,17 +435,17 @@ def pair_layers(
         used_f.add(key)
     if match_names:
         # layers with the same name on both sides (``layer1.0.conv1`` ~ ``layer1/0/conv1`` ~ ``layer1_0/conv1``)
-        def key(name: str) -> str:
+        def name_key(name: str) -> str:
             return name.lower().replace(".", "").replace("/", "").replace("_", "")
 
         kt: dict[str, list[Layer]] = {}
         kf: dict[str, list[Layer]] = {}
         for ly in torch_side:
             if ly.name not in used_t:
-                kt.setdefault(key(ly.name), []).append(ly)
+                kt.setdefault(name_key(ly.name), []).append(ly)
         for ly in flax_side:
             if _norm_name(ly.name) not in used_f:
-                kf.setdefault(key(ly.name), []).append(ly)
+                kf.setdefault(name_key(ly.name), []).append(ly)
         for k, ts in kt.items():
             fs = kf.get(k, [])
             if len(ts) == 1 and len(fs) == 1 and ts[0].kind == fs[0].kind and ts[0].shape_key == fs[0].shape_key:
@@ -461,17 +461,17 @@ def pair_layers(
         pairs += list(zip(rest_t, rest_f))
     else:
         for kind in ("conv", "dense", "bn"):
-            kt = [ly for ly in rest_t if ly.kind == kind]
-            kf = [ly for ly in rest_f if ly.kind == kind]
-            if len(kt) != len(kf):
-                raise ValueError(f"cannot pair by order: {len(kt)} PyTorch {kind} layers but {len(kf)} Flax ones\n"
+            lt = [ly for ly in rest_t if ly.kind == kind]
+            lf = [ly for ly in rest_f if ly.kind == kind]
+            if len(lt) != len(lf):
+                raise ValueError(f"cannot pair by order: {len(lt)} PyTorch {kind} layers but {len(lf)} Flax ones\n"
                                  f"  PyTorch: {_describe(rest_t)}\n  Flax:    {_describe(rest_f)}")
-            shapes_t = [ly.shape_key for ly in kt]
-            if sorted(shapes_t) != sorted(ly.shape_key for ly in kf):
+            shapes_t = [ly.shape_key for ly in lt]
+            if sorted(shapes_t) != sorted(ly.shape_key for ly in lf):
                 raise ValueError(f"cannot pair the {kind} layers: the shapes differ\n"
-                                 f"  PyTorch: {_describe(kt)}\n  Flax:    {_describe(kf)}")
-            if [ly.shape_key for ly in kf] == shapes_t and len(set(shapes_t)) == len(shapes_t):
-                pairs += list(zip(kt, kf))
+                                 f"  PyTorch: {_describe(lt)}\n  Flax:    {_describe(lf)}")
+            if [ly.shape_key for ly in lf] == shapes_t and len(set(shapes_t)) == len(shapes_t):
+                pairs += list(zip(lt, lf))
                 continue
             if len(set(shapes_t)) != len(shapes_t):
                 raise ValueError(
@@ -479,8 +479,8 @@ def pair_layers(
                     f"layers share a shape, so neither order nor shape decides which goes where\n"
                     f"  PyTorch: {_describe(rest_t)}\n  Flax:    {_describe(rest_f)}\n"
                     "pass mapping={torch_name: flax_path} for these layers")
-            by_shape = {ly.shape_key: ly for ly in kf}
-            pairs += [(t, by_shape[t.shape_key]) for t in kt]
+            by_shape = {ly.shape_key: ly for ly in lf}
+            pairs += [(t, by_shape[t.shape_key]) for t in lt]
     order = {ly.name: i for i, ly in enumerate(torch_side)}
     pairs.sort(key=lambda p: order[p[0].name])
     return pairs
@@ -864,7 +864,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 payload = serialization.msgpack_serialize(out)
             else:
                 buf = io.BytesIO()
-                np.savez(buf, **flatten_variables(out))
+                np.savez(buf, **flatten_variables(out))  # type: ignore[arg-type]
                 payload = buf.getvalue()
         else:
             import torch

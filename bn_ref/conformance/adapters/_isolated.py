@@ -224,6 +224,8 @@ class IsolatedAdapter:
             self.unavailable = meta["unavailable"]
         if meta.get("has_skip"):
             self.skip = self._skip
+        if meta.get("compute_dtype"):
+            self.compute_dtype = meta["compute_dtype"]
 
     def _skip(self, case: Any) -> str | None:
         try:
@@ -257,6 +259,8 @@ def _describe(adapter: Any) -> dict[str, Any]:
         "world_size": getattr(adapter, "world_size", None),
         "unavailable": getattr(adapter, "unavailable", None),
         "has_skip": callable(getattr(adapter, "skip", None)),
+        # A declared working dtype travels when it is a dtype name (a callable cannot cross processes).
+        "compute_dtype": cd if isinstance(cd := getattr(adapter, "compute_dtype", None), str) else None,
     }
 
 

@@ -42,6 +42,9 @@ class Keras3Adapter:
         self.description = f"keras {keras.__version__} BatchNormalization, backend {self.backend}" + (
             ", nothing passed but the dtype policy" if defaults else "")
         self._layers: dict[Any, Any] = {}
+        # Keras 3 computes in float32 under a float64 policy on the jax, torch and numpy backends (its
+        # TensorFlow backend computes float64 in float64): a declared property, judged at float32.
+        self.compute_dtype = None if self.backend == "tensorflow" else "float32"
         if self.backend == "jax":
             from . import _jax_util  # noqa: F401 - float64 (jax_enable_x64) on import
 
