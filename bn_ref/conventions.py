@@ -140,10 +140,12 @@ class Convention:
         """
         if self.running_var != "unbiased":
             return 1.0
-        if isinstance(n, numbers.Number):
-            return n / (n - 1) if n > 1 else 1.0
+        if isinstance(n, numbers.Real):
+            k = float(n)
+            return k / (k - 1.0) if k > 1 else 1.0
         # An array n (a global count under cross-device statistics): n / max(n - 1, 1).
-        return n / (n - 1).clip(1)
+        arr: Any = n
+        return arr / (arr - 1).clip(1)
 
     def momentum_spelled(self, term: MomentumOn) -> float | None:
         """This convention's momentum as written by a framework that weights ``term`` (§3.5).
@@ -276,14 +278,14 @@ def resolve(
     it, while ``momentum=None`` selects the cumulative average (§3.3).
     """
     conv = get_convention(convention)
-    changes: dict[str, object] = {}
-    if eps is not None:
-        changes["eps"] = eps
-    if momentum is not DEFAULT:
-        changes["momentum"] = momentum
-    if feature_axis is not None:
-        changes["feature_axis"] = feature_axis
-    return replace(conv, **changes) if changes else conv
+    if eps is None and momentum is DEFAULT and feature_axis is None:
+        return conv
+    return replace(
+        conv,
+        eps=conv.eps if eps is None else eps,
+        momentum=conv.momentum if isinstance(momentum, _Default) else momentum,
+        feature_axis=conv.feature_axis if feature_axis is None else feature_axis,
+    )
 
 
 # -- Presets of the framework families (issue 14) ------------------------------------------------

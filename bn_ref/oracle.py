@@ -140,6 +140,10 @@ def forward(
     _checks.check_running_pair(rm is not None, rv is not None, training=training)
     _checks.check_batch(n, x64.shape, conv, training=training)
 
+    new_rm: np.ndarray | None
+    new_rv: np.ndarray | None
+    batch_mean: np.ndarray | None
+    batch_var: np.ndarray | None
     if training:
         mean, centred, var = _batch_stats(x64, lay)  # §2.1
         inv_std = 1.0 / np.sqrt(var + conv.eps)  # §2.2
@@ -149,7 +153,7 @@ def forward(
             new_rm = w_r * rm + w_b * mean
             new_rv = w_r * rv + w_b * (var * conv.variance_correction(n))  # §3.4
         else:
-            new_rm = new_rv = None
+            new_rm, new_rv = None, None
         batch_mean, batch_var, new_count = mean, var, count + 1
     else:
         assert rm is not None and rv is not None
@@ -162,7 +166,8 @@ def forward(
     return ForwardResult(y, batch_mean, batch_var, new_rm, new_rv, new_count)
 
 
-def _affine(x_hat: np.ndarray, gamma, beta, bshape) -> np.ndarray:
+def _affine(x_hat: np.ndarray, gamma: np.ndarray | None, beta: np.ndarray | None,
+            bshape: tuple[int, ...]) -> np.ndarray:
     """§2.3: y = gamma * x_hat + beta (either term optional)."""
     y = x_hat
     if gamma is not None:

@@ -139,7 +139,7 @@ class LedgerEntry:
         raise or a NaN/Inf mismatch has no finite size and is never within)."""
         if self.max_units is not None:
             return r.units is not None and np.isfinite(r.units) and r.units <= self.max_units
-        return r.rel is not None and np.isfinite(r.rel) and r.rel <= float(self.max_rel)  # type: ignore[arg-type]
+        return r.rel is not None and np.isfinite(r.rel) and r.rel <= float(self.max_rel)
 
     @property
     def state(self) -> str:

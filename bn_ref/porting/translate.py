@@ -133,7 +133,7 @@ def _fmt(v: Any) -> str:
 
 
 def _spell(conv: Convention, term: str) -> float | None:
-    m = conv.momentum_spelled(term)  # type: ignore[arg-type]
+    m = conv.momentum_spelled(term)
     return None if m is None else float(f"{m:.12g}")
 
 
