@@ -30,8 +30,12 @@ import numpy as np
 
 from ...conventions import FAMILY_PRESETS
 from ..cases import Case
-from . import _jax_util as ju  # float64 on import
+from . import _jax_util as ju
 from ._defaults import defaults_skip
+
+# This family runs in its own process (bn_ref/conformance/families.py), so float64 is turned on for
+# the whole process here; the core adapters use the per-call ju.x64() context instead.
+jax.config.update("jax_enable_x64", True)
 
 __all__ = ["EquinoxAdapter", "factory"]
 

@@ -18,7 +18,7 @@ from jax.example_libraries import stax
 
 from ...conventions import FAMILY_PRESETS
 from ..cases import Case
-from . import _jax_util as ju  # float64 on import
+from . import _jax_util as ju
 
 __all__ = ["StaxAdapter", "factory"]
 
@@ -38,6 +38,7 @@ class StaxAdapter:
             return "stax.BatchNorm() reduces over axes (0, 1, 2) by default: rank-4 channels-last input only"
         return None
 
+    @ju.with_x64  # float64 cases; the rest of the process keeps JAX's default
     def run(self, case: Case) -> dict[str, Any]:
         red = tuple(i for i in range(case.rank) if i != case.feature_axis)
         key = (red, case.eps, case.affine)
