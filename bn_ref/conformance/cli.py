@@ -34,7 +34,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from .. import SPEC_VERSION
 from . import report as _report
 from .adapters import BUILTIN, load, parse_spec
 from .adapters._isolated import IsolatedFactory
@@ -226,7 +225,6 @@ def run(argv: Sequence[str]) -> int:
     command = "python -m bn_ref.conformance " + shlex.join(list(argv))
     rep = _report.build_report(results, ledger, command=command.strip(), selection=args.k, wall_s=wall,
                                ledger_path=_display_path(ledger_path), explained=explained, factories=factory_of)
-    rep["spec_version"] = SPEC_VERSION  # the docs/spec.md version the matrix checks against
     if not args.adapter and not args.list_adapters:
         _add_fold_rows(rep, progress)
     print(_report.render_console(rep))

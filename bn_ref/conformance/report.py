@@ -15,6 +15,7 @@ import sys
 from collections import Counter
 from typing import Any, Literal, Mapping, Sequence, TypedDict
 
+from .. import SPEC_VERSION
 from ..tolerances import TOLERANCES
 from .cases import ALL_SPECS
 from .engine import GROUPS, AdapterResult, LedgerEntry, Status, group_cells
@@ -240,6 +241,7 @@ def build_report(
                     rec["explained_by"] = extra.get("explained_by")
                 checks.append(rec)
     return {
+        "spec_version": SPEC_VERSION,  # the docs/spec.md version the matrix checks against
         "schema": SCHEMA,
         "generated": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
         "command": command,
