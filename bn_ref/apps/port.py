@@ -25,7 +25,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from ..porting.convert import flatten_variables
+from ..porting.convert import flatten_variables, to_numpy
 
 __all__ = ["LAYOUT", "PortFileError", "flatten_variables", "flax_to_torch", "read_weights", "torch_to_flax", "write_weights"]
 
@@ -44,16 +44,6 @@ LAYOUT: tuple[tuple[str, str, int, int | None], ...] = (
 _FLAT = (16, 4, 4)  # the (C, H, W) map flattened before dense1
 
 
-def _np(value: Any) -> np.ndarray:
-    """A NumPy copy (never a view: a torch buffer updated in place later must not change it)."""
-    if hasattr(value, "detach"):
-        value = value.detach().cpu()
-        if str(value.dtype) == "torch.bfloat16":
-            import ml_dtypes
-
-            return value.float().numpy().astype(ml_dtypes.bfloat16)
-        return value.numpy().copy()
-    return np.array(value, copy=True)
 
 
 def _has_bn(keys: Any) -> bool:
@@ -86,7 +76,7 @@ def torch_to_flax(state_dict: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
         if key not in state_dict:
             raise ValueError(f"state_dict has no {key!r}: not a LeNet-BN state_dict of bn_ref.apps.lenet_torch.lenet")
         used.add(key)
-        return _np(state_dict[key])
+        return to_numpy(state_dict[key])
 
     for name, kind, idx_bn, idx_plain in LAYOUT:
         index = idx_bn if with_bn else idx_plain
@@ -112,7 +102,7 @@ def torch_to_flax(state_dict: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
             nbt = _torch_key(index, "num_batches_tracked")
             if nbt in state_dict:
                 used.add(nbt)
-                entry["count"] = np.asarray(int(_np(state_dict[nbt])), dtype=np.int32)
+                entry["count"] = np.asarray(int(to_numpy(state_dict[nbt])), dtype=np.int32)
             else:
                 entry["count"] = np.asarray(0, dtype=np.int32)
             stats[name] = entry

@@ -45,13 +45,15 @@ __all__ = [
     "torch_to_flax",
     "flax_to_torch",
     "flatten_variables",
+    "to_numpy",
 ]
 
 # -- per-layer converters ---------------------------------------------------------------------
 
 
-def _np(value: Any) -> np.ndarray:
-    """A NumPy copy of a torch tensor, JAX array or array-like (bfloat16 kept via ml_dtypes)."""
+def to_numpy(value: Any) -> np.ndarray:
+    """A NumPy copy of a torch tensor, JAX array or array-like (bfloat16 kept via ml_dtypes); never a
+    view, so a buffer updated in place later does not change it."""
     if hasattr(value, "detach"):
         value = value.detach().cpu()
         if str(value.dtype) == "torch.bfloat16":
@@ -64,7 +66,7 @@ def _np(value: Any) -> np.ndarray:
 
 def conv_kernel_to_flax(w: Any) -> np.ndarray:
     """PyTorch conv weight ``(O, I/groups, *k)`` (rank 3-5) as a Flax kernel ``(*k, I/groups, O)``."""
-    w = _np(w)
+    w = to_numpy(w)
     if w.ndim < 3:
         raise ValueError(f"conv weight must have rank >= 3 (O, I, *kernel); got shape {w.shape}")
     return np.ascontiguousarray(np.transpose(w, tuple(range(2, w.ndim)) + (1, 0)))
@@ -72,7 +74,7 @@ def conv_kernel_to_flax(w: Any) -> np.ndarray:
 
 def conv_kernel_to_torch(k: Any) -> np.ndarray:
     """Flax conv kernel ``(*k, I/groups, O)`` as a PyTorch weight ``(O, I/groups, *k)``."""
-    k = _np(k)
+    k = to_numpy(k)
     if k.ndim < 3:
         raise ValueError(f"conv kernel must have rank >= 3 (*kernel, I, O); got shape {k.shape}")
     nd = k.ndim - 2
@@ -104,7 +106,7 @@ def dense_kernel_to_flax(w: Any, flatten_from: Sequence[int] | None = None) -> n
     input (PyTorch side), when the Flax model flattens the NHWC map instead; the kernel's input
     rows are then permuted by :func:`flatten_permutation`.
     """
-    w = _np(w)
+    w = to_numpy(w)
     if w.ndim != 2:
         raise ValueError(f"dense weight must be (out, in); got shape {w.shape}")
     if flatten_from is None:
@@ -121,7 +123,7 @@ def dense_kernel_to_torch(k: Any, flatten_from: Sequence[int] | None = None) -> 
 
     ``flatten_from``: as in :func:`dense_kernel_to_flax` (the PyTorch side's ``(C, *spatial)``).
     """
-    k = _np(k)
+    k = to_numpy(k)
     if k.ndim != 2:
         raise ValueError(f"dense kernel must be (in, out); got shape {k.shape}")
     if flatten_from is None:
@@ -157,7 +159,7 @@ def convert_running_var(
         ValueError: the estimators differ and ``n`` is not given (or is < 2).
     """
     s, t = get_convention(source), get_convention(target)
-    v = _np(var)
+    v = to_numpy(var)
     if s.running_var == t.running_var:
         return v
     if n is None or not isinstance(n, (int, np.integer)) or n < 2:
@@ -233,7 +235,7 @@ def torch_layers(source: Any) -> list[Layer]:
     out: list[Layer] = []
     if hasattr(source, "named_modules") and hasattr(source, "state_dict"):
         for name, mod in source.named_modules():
-            leaves = {k: _np(v) for k, v in list(mod.named_parameters(recurse=False)) + list(mod.named_buffers(recurse=False))
+            leaves = {k: to_numpy(v) for k, v in list(mod.named_parameters(recurse=False)) + list(mod.named_buffers(recurse=False))
                       if v is not None}
             if not leaves:
                 continue
@@ -245,7 +247,7 @@ def torch_layers(source: Any) -> list[Layer]:
     groups: dict[str, dict[str, np.ndarray]] = {}
     for key, value in source.items():
         prefix, _, leaf = key.rpartition(".")
-        groups.setdefault(prefix, {})[leaf] = _np(value)
+        groups.setdefault(prefix, {})[leaf] = to_numpy(value)
     for prefix, leaves in groups.items():
         kind = _torch_kind(prefix, leaves)
         out.append(Layer(prefix, kind, leaves, _torch_shape_key(kind, leaves)))
@@ -334,7 +336,7 @@ def flax_layers(source: Any) -> list[Layer]:
         found: list[tuple[tuple[str, ...], dict[str, Any]]] = []
         _nnx_walk(source, (), set(), found)
         for path, leaves in found:
-            arrays = {k: _np(v[...]) for k, v in leaves.items()}
+            arrays = {k: to_numpy(v[...]) for k, v in leaves.items()}
             name = "/".join(path)
             kind = _flax_kind(name, arrays)
             out.append(Layer(name, kind, arrays, _flax_shape_key(kind, arrays), {"variables": leaves}))
@@ -350,7 +352,7 @@ def flax_layers(source: Any) -> list[Layer]:
     for path, leaves in stat_nodes.items():
         nodes.setdefault(path, {}).update(leaves)
     for path, leaves in nodes.items():
-        arrays = {k: _np(v) for k, v in leaves.items()}
+        arrays = {k: to_numpy(v) for k, v in leaves.items()}
         name = "/".join(path)
         kind = _flax_kind(name, arrays)
         out.append(Layer(name, kind, arrays, _flax_shape_key(kind, arrays), {"path": path}))
