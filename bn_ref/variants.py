@@ -244,10 +244,10 @@ def _ghost_forward(x64, gamma, beta, rm, rv, conv, variant, lay, count) -> Varia
         res = oracle.forward(xs, gamma, beta, rm, rv, training=True, convention=conv, axis=lay.axis, count=count)
         y[sl] = res.y
         stats.append((res.batch_mean, res.batch_var, n_j))
-        if variant.ghost_update == "sequential" and rm is not None:  # §14.2: one update per sub-batch
+        if variant.ghost_update == "sequential":  # §14.2: one update (and one step) per sub-batch
             rm, rv, count = res.running_mean, res.running_var, res.count
     if variant.ghost_update == "sequential":
-        return VariantResult(y, rm, rv, count if rm is not None else count + len(parts))
+        return VariantResult(y, rm, rv, count)
     # §14.3 (tf-keras): one update from the means of the sub-batch statistics.
     if rm is None:
         return VariantResult(y, None, None, count + 1)

@@ -387,14 +387,11 @@ def _onnx_profile(kind: str) -> Profile:
     n0 = _n0_text(e0, *(r0[1:] if r0 else (None, None)))
     var_alg = _var_alg(lambda x32: run(x32)[0], 1, eps)
     if kind == "reference":
-        import onnx as _onnx
-
-        name, version = "ONNX `BatchNormalization`-15, reference evaluator", f"onnx {_onnx.__version__}"
+        name, version = "ONNX `BatchNormalization`-15, reference evaluator", f"onnx {onnx.__version__}"
     else:
         import onnxruntime as ort
 
         name, version = "ONNX `BatchNormalization`-15, onnxruntime CPU", f"onnxruntime {ort.__version__}"
-    del onnx
     # The attributes are float32: show them as their shortest float32 decimals (1e-05 → 1e-5).
     return Profile(name, version, _fmt_num(float(str(np.float32(eps32)))),
                    f"{_fmt_num(float(str(np.float32(mom32))))} {term} (float32 attribute)", est, "1",

@@ -140,7 +140,7 @@ def _conv_json(conv: Any) -> dict[str, Any] | str:
         return repr(conv)
 
 
-OWN_PREFIXES = ("bn_ref.", "bn_ref ")
+OWN_PREFIXES = ("bn_ref.",)
 """Rows that are bn-ref's own (its layers and the oracle's self-check); the rest are framework rows."""
 
 
