@@ -24,7 +24,7 @@ from typing import Any, Callable, Sequence
 from .data import DataError
 from .port import PortFileError
 from .training.checkpoint import CheckpointError
-from .training.config import BACKENDS, BN_KINDS, TrainConfig
+from .training.config import BACKENDS, BN_KINDS, BN_VARIANTS, TrainConfig
 from .training.fileio import OutputError, check_output_path
 from .training.loop import ResumeError, TrainingInterrupted
 
@@ -97,6 +97,11 @@ def _train_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--nproc", type=int, default=1, help="torch: data-parallel over N processes (DDP + sync BN); --batch-size is global")
     p.add_argument("--devices", type=int, default=1, help="flax: data-parallel over N JAX devices; --batch-size is global")
+    p.add_argument(
+        "--bn-variant", default="plain",
+        help=f"one of {', '.join(BN_VARIANTS)}: plain BN, Batch Renormalization (spec §13, rmax 3, dmax 5) or ghost batches (spec §14); needs --bn ref",
+    )
+    p.add_argument("--ghost-batch-size", type=int, default=None, help="with --bn-variant ghost: samples per ghost batch (default batch-size/4)")
     return p
 
 
@@ -131,6 +136,8 @@ def parse_train_args(argv: Sequence[str]) -> TrainConfig:
         nproc=args.nproc,
         devices=args.devices,
         allow_changed_settings=args.allow_changed_settings,
+        bn_variant=args.bn_variant,
+        ghost_batch_size=args.ghost_batch_size,
     )
     try:
         config.validate()

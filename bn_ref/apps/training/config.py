@@ -5,13 +5,17 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, field
-from typing import Any, Mapping
+from typing import TYPE_CHECKING, Any, Mapping
 
 from ...conventions import PRESETS
+
+if TYPE_CHECKING:
+    from ...variants import Variant
 
 __all__ = [
     "BACKENDS",
     "BN_KINDS",
+    "BN_VARIANTS",
     "STRUCTURAL_SETTINGS",
     "TrainConfig",
     "default_convention",
@@ -21,6 +25,14 @@ __all__ = [
 
 BACKENDS = ("torch", "flax")
 BN_KINDS = ("ref", "native", "none")
+BN_VARIANTS = ("plain", "renorm", "ghost")
+"""``--bn-variant``: plain BN, Batch Renormalization (spec §13) or ghost batches (spec §14)."""
+RENORM_RMAX = 3.0
+RENORM_DMAX = 5.0
+"""The clipping LeNet-BN trains Batch Renormalization with: the final values of the paper's schedule
+(Ioffe 2017, §4), held fixed from the first step."""
+DEFAULT_GHOST_DIVISOR = 4
+"""``--bn-variant ghost`` without ``--ghost-batch-size`` splits each batch into this many ghost batches."""
 STRUCTURAL_SETTINGS = ("backend", "bn")
 """Settings a resumed run can never change: the saved state only fits the model they build."""
 
@@ -55,6 +67,8 @@ class TrainConfig:
     nproc: int = 1
     devices: int = 1
     allow_changed_settings: bool = False
+    bn_variant: str = "plain"
+    ghost_batch_size: int | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
     def validate(self) -> None:
@@ -89,6 +103,35 @@ class TrainConfig:
             v = getattr(self, name)
             if v is not None and not (_is_int(v) and v >= 2):
                 raise ValueError(f"--{name.replace('_', '-')} must be an integer >= 2; got {v!r}")
+        if self.bn_variant not in BN_VARIANTS:
+            raise ValueError(f"--bn-variant must be one of {', '.join(BN_VARIANTS)}; got {self.bn_variant!r}")
+        if self.bn_variant != "plain" and self.bn != "ref":
+            raise ValueError(f"--bn-variant {self.bn_variant} needs --bn ref (bn-ref's layers); got --bn {self.bn}")
+        if self.bn_variant != "plain" and (self.nproc > 1 or self.devices > 1):
+            raise ValueError(f"--bn-variant {self.bn_variant} runs on one process and one device; got --nproc {self.nproc} --devices {self.devices}")
+        if self.ghost_batch_size is not None:
+            if self.bn_variant != "ghost":
+                raise ValueError(f"--ghost-batch-size goes with --bn-variant ghost; got --bn-variant {self.bn_variant}")
+            if not (_is_int(self.ghost_batch_size) and 2 <= self.ghost_batch_size <= self.batch_size):
+                raise ValueError(
+                    f"--ghost-batch-size must be an integer in [2, --batch-size={self.batch_size}]; got {self.ghost_batch_size!r}"
+                )
+
+    def variant(self) -> Variant | None:
+        """The :class:`~bn_ref.variants.Variant` the BN layers train with; None for plain BN.
+
+        ``renorm``: ``Variant(renorm=True, rmax=3, dmax=5)`` (:data:`RENORM_RMAX`, :data:`RENORM_DMAX`);
+        ``ghost``: ``Variant(ghost_batch_size=g)`` with ``g = --ghost-batch-size`` or
+        ``max(2, batch_size // 4)`` (:data:`DEFAULT_GHOST_DIVISOR`).
+        """
+        from ...variants import Variant
+
+        if self.bn_variant == "renorm":
+            return Variant(renorm=True, rmax=RENORM_RMAX, dmax=RENORM_DMAX)
+        if self.bn_variant == "ghost":
+            g = self.ghost_batch_size or max(2, self.batch_size // DEFAULT_GHOST_DIVISOR)
+            return Variant(ghost_batch_size=g)
+        return None
 
     @property
     def effective_convention(self) -> str:
@@ -127,6 +170,8 @@ def trajectory_settings(config: TrainConfig, data_md5: Mapping[str, str] | None)
         "limit_test": config.limit_test,
         "nproc": config.nproc,
         "devices": config.devices,
+        "bn_variant": config.bn_variant,
+        "ghost_batch_size": config.ghost_batch_size,
         "extra": dict(config.extra),
         "data": dict(sorted(data_md5.items())) if data_md5 is not None else None,
     }
