@@ -101,7 +101,8 @@ def test_signature_is_torchs_then_keyword_only_options(ours, theirs):
         assert (a.name, a.kind) == (b.name, b.kind), (a, b)
         assert a.default == b.default and repr(a.default) == repr(b.default), (a, b)
     rest = p_o[len(p_t):]
-    assert tuple(p.name for p in rest) == BNREF_OPTIONS
+    # the layers (not SyncBatchNorm) also take a BN variant (spec §13-§17)
+    assert tuple(p.name for p in rest) == BNREF_OPTIONS + (() if ours is bnt.SyncBatchNorm else ("variant",))
     assert all(p.kind is inspect.Parameter.KEYWORD_ONLY for p in rest)
 
 

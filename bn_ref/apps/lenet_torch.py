@@ -33,6 +33,7 @@ from torch import nn
 
 from ..conventions import Convention, ConventionLike, get_convention
 from ..torch import BatchNorm1d, BatchNorm2d
+from ..variants import Variant
 
 __all__ = ["lenet", "native_batch_norm_kwargs"]
 
@@ -70,6 +71,7 @@ def lenet(
     *,
     dtype: torch.dtype | None = None,
     device: Any = None,
+    variant: Variant | None = None,
 ) -> nn.Sequential:
     """The d2l LeNet-BN (see the module docstring for the layer table).
 
@@ -81,25 +83,31 @@ def lenet(
             plain LeNet without BN.
         convention: preset name or :class:`bn_ref.Convention` (ignored for ``bn="none"``).
         dtype, device: of every parameter and buffer.
+        variant: a :class:`bn_ref.variants.Variant` for every BN layer (Batch Renormalization,
+            ghost batches, ...: ``docs/spec.md`` §13-§17), ``bn="ref"`` only; None is plain BN.
+            Its extra buffers, if any, are part of the ``state_dict``.
 
     Weights are initialized as in the book's ``train_ch6``: ``xavier_uniform_`` on every Conv2d
     and Linear weight; their biases keep PyTorch's defaults. Seed ``torch.manual_seed`` first for
     reproducible weights.
 
     Raises:
-        ValueError: unknown ``bn``; ``bn="native"`` with a convention torch.nn BN cannot express.
+        ValueError: unknown ``bn``; ``bn="native"`` with a convention torch.nn BN cannot express;
+            a ``variant`` with ``bn`` other than ``"ref"``.
     """
     if bn not in BN_CHOICES:
         raise ValueError(f"bn must be one of {BN_CHOICES}; got {bn!r}")
+    if variant is not None and bn != "ref":
+        raise ValueError(f"variant needs bn='ref' (bn-ref's layers); got bn={bn!r}")
     factory: dict[str, Any] = {"dtype": dtype, "device": device}
     if bn == "ref":
         conv = get_convention(convention)
 
         def bn2d(c: int) -> nn.Module:
-            return BatchNorm2d(c, convention=conv, feature_axis=1, **factory)
+            return BatchNorm2d(c, convention=conv, feature_axis=1, variant=variant, **factory)
 
         def bn1d(c: int) -> nn.Module:
-            return BatchNorm1d(c, convention=conv, feature_axis=1, **factory)
+            return BatchNorm1d(c, convention=conv, feature_axis=1, variant=variant, **factory)
 
     elif bn == "native":
         kwargs = native_batch_norm_kwargs(convention)

@@ -27,7 +27,9 @@ from torch import nn
 
 from .. import _checks
 from ..conventions import DEFAULT, Convention, ConventionLike, resolve
+from ..variants import Variant
 from .functional import batch_norm, check_implementation
+from .variants import RenormState, batch_norm_variant
 
 __all__ = ["BatchNorm", "BatchNorm1d", "BatchNorm2d", "BatchNorm3d"]
 
@@ -103,6 +105,19 @@ class BatchNorm(nn.Module):
         convention: preset name or :class:`bn_ref.Convention` (default ``"pytorch"``).
         feature_axis: overrides ``convention.feature_axis`` (1 for (N, C, ...), -1 for (N, ..., C)).
         implementation: ``"function"`` (closed-form backward, §5) or ``"autograd"``.
+        variant: a :class:`bn_ref.variants.Variant` (``docs/spec.md`` §13-§17) or None (plain BN,
+            every behaviour above unchanged). With a variant every call goes through
+            :func:`bn_ref.torch.variants.batch_norm_variant`: Batch Renormalization (§13), ghost
+            batches (§14), frozen BN (§15, ``"statistics"``: running statistics in training too,
+            never updated; ``"all"``: also no gradient to ``weight``/``bias``), no running
+            statistics (§16.1). ``variant.track_running_stats`` must equal ``track_running_stats``
+            (a ValueError names both otherwise). When renorm's correction pair differs from the
+            running pair (``renorm_momentum`` set, or ``renorm_track="stddev"``, §13.3) it is held
+            in two more buffers, ``renorm_mean`` and ``renorm_stat`` (a variance or a stddev, (C,)),
+            started from the running pair's initial values; a ``state_dict`` without them (a plain
+            checkpoint) loads and starts them from the loaded running pair. Otherwise the
+            ``state_dict`` keys are exactly the plain layer's. A ghost step advances
+            ``num_batches_tracked`` by its number of sub-batches (§14.2); a frozen step leaves it.
 
     Shapes:
         input (N, C, ...) or (N, ..., C) per the feature axis; output the same shape and dtype.
@@ -142,6 +157,7 @@ class BatchNorm(nn.Module):
         convention: ConventionLike = "pytorch",
         feature_axis: int | None = None,
         implementation: str = "function",
+        variant: Variant | None = None,
     ) -> None:
         super().__init__()
         if dtype is not None and not dtype.is_floating_point:
@@ -152,6 +168,7 @@ class BatchNorm(nn.Module):
         use_bias = _checks.check_flag("bias", bias)
         self.track_running_stats = _checks.check_flag("track_running_stats", track_running_stats)
         self.implementation = check_implementation(implementation)
+        self._variant = check_layer_variant(variant, self.track_running_stats)
         factory: dict[str, Any] = {"device": device, "dtype": dtype}
         if self.affine:
             self.weight = nn.Parameter(torch.empty(self.num_features, **factory))
@@ -170,6 +187,9 @@ class BatchNorm(nn.Module):
             self.register_buffer("running_mean", None)
             self.register_buffer("running_var", None)
             self.register_buffer("num_batches_tracked", None)
+        if self._variant is not None and separate_renorm_pair(self._variant):  # §13.3
+            self.register_buffer("renorm_mean", torch.zeros(self.num_features, **factory))
+            self.register_buffer("renorm_stat", torch.ones(self.num_features, **factory))
         self.reset_parameters()
 
     # -- convention-backed hyper-parameters ------------------------------------------------------
@@ -201,14 +221,28 @@ class BatchNorm(nn.Module):
     def feature_axis(self, value: int) -> None:
         self.convention = resolve(self.convention, feature_axis=value)
 
+    @property
+    def variant(self) -> Variant | None:
+        """The :class:`bn_ref.variants.Variant` the layer runs (§13-§17); None for plain BN.
+        Fixed at construction (it decides which buffers exist)."""
+        return self._variant
+
     # -- state ---------------------------------------------------------------------------------------
 
+    def _has_renorm_pair(self) -> bool:
+        return self._variant is not None and separate_renorm_pair(self._variant)
+
     def reset_running_stats(self) -> None:
-        """running_mean = 0, running_var = 1, num_batches_tracked = 0 (when tracked)."""
+        """running_mean = 0, running_var = 1, num_batches_tracked = 0 (when tracked); renorm's own
+        correction pair (when held) back to the running pair's initial values (§13.3)."""
         if self.track_running_stats:
             self.running_mean.zero_()
             self.running_var.fill_(1.0)
             self.num_batches_tracked.zero_()
+        if self._has_renorm_pair():
+            init = RenormState.from_running(self.running_mean, self.running_var, self._variant, self.eps)
+            self.renorm_mean.copy_(init.mean)
+            self.renorm_stat.copy_(init.stat)
 
     def reset_parameters(self) -> None:
         """Reset the running statistics, weight = 1 and bias = 0 (those that exist)."""
@@ -238,6 +272,15 @@ class BatchNorm(nn.Module):
                 state_dict[key] = nbt
             else:
                 state_dict[key] = torch.tensor(0, dtype=torch.long)
+        if self._has_renorm_pair():
+            # A checkpoint of the plain layer (or of torch.nn's) has no correction pair: start it
+            # from the loaded running pair, as a fresh renorm layer starts it from its own (§13.3).
+            rm_key, rv_key = prefix + "running_mean", prefix + "running_var"
+            if prefix + "renorm_mean" not in state_dict and prefix + "renorm_stat" not in state_dict \
+                    and rm_key in state_dict and rv_key in state_dict:
+                init = RenormState.from_running(torch.as_tensor(state_dict[rm_key]),
+                                                torch.as_tensor(state_dict[rv_key]), self._variant, self.eps)
+                state_dict[prefix + "renorm_mean"], state_dict[prefix + "renorm_stat"] = init.mean, init.stat
         super()._load_from_state_dict(
             state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
         )
@@ -249,6 +292,7 @@ class BatchNorm(nn.Module):
             f"running_var={self.convention.running_var!r}, feature_axis={self.feature_axis}, "
             f"affine={self.affine}, bias={self.bias is not None}, track_running_stats={self.track_running_stats}, "
             f"implementation={self.implementation!r}"
+            + ("" if self._variant is None else f", variant={self._variant!r}")
         )
 
     # -- forward -----------------------------------------------------------------------------------
@@ -281,6 +325,8 @@ class BatchNorm(nn.Module):
         call with tracked statistics.
         """
         self._check_input_dim(x)
+        if self._variant is not None:
+            return self._forward_variant(x)
         tracked = self.running_mean is not None and self.running_var is not None
         # Batch statistics in training, and in eval when there are no running statistics.
         use_batch = self.training or not tracked
@@ -301,6 +347,65 @@ class BatchNorm(nn.Module):
         if update and nbt is not None:
             nbt.add_(1)
         return y
+
+    def _forward_variant(self, x: torch.Tensor) -> torch.Tensor:
+        """One step of ``self.variant`` through :func:`bn_ref.torch.variants.batch_norm_variant`
+        (§13-§16; what is used and updated per mode: §17). ``num_batches_tracked`` takes the
+        count the step returns (one more per step, one more per ghost sub-batch, §14.2)."""
+        v = self._variant
+        assert v is not None
+        if not x.is_floating_point():
+            raise TypeError(f"input must be a floating tensor; got {x.dtype}")
+        rm, rv, nbt = self.running_mean, self.running_var, self.num_batches_tracked
+        if v.track_running_stats and (rm is None or rv is None):
+            raise ValueError(f"variant {v!r} needs the running_mean and running_var buffers; one of them is None")
+        count = 0 if nbt is None else int(nbt)
+        state: RenormState | None = None
+        if v.renorm and self.training:
+            if self._has_renorm_pair():  # updated in place
+                state = RenormState(self.renorm_mean, self.renorm_stat)
+            else:  # the running pair is the correction pair (§13.3): a copy taken before the step
+                assert rm is not None and rv is not None
+                state = RenormState.from_running(rm, rv, v, self.eps)
+        y, new_count = batch_norm_variant(
+            x, rm, rv, self.weight, self.bias, training=self.training, variant=v, convention=self.convention,
+            count=count, renorm=state, implementation=self.implementation,
+        )
+        if nbt is not None and new_count != count:
+            nbt.fill_(new_count)
+        return y
+
+
+def separate_renorm_pair(variant: Variant) -> bool:
+    """Whether renorm's correction pair differs from the running pair and so needs buffers of its
+    own: ``renorm_momentum`` set, or a stddev tracked (§13.3)."""
+    return variant.renorm and (variant.renorm_momentum is not None or variant.renorm_track == "stddev")
+
+
+def check_layer_variant(variant: object, track_running_stats: bool) -> Variant | None:
+    """``variant`` checked against the layer's ``track_running_stats`` (§16.1), before any state exists.
+
+    Raises:
+        TypeError: not a :class:`bn_ref.variants.Variant` or None.
+        ValueError: ``variant.track_running_stats`` differs from ``track_running_stats``; ghost
+            batches without running statistics (not specified: §14 splits the batch, §16.1
+            normalizes the whole batch).
+    """
+    if variant is None:
+        return None
+    if not isinstance(variant, Variant):
+        raise TypeError(f"variant must be a bn_ref.variants.Variant or None; got {type(variant).__name__}")
+    if variant.track_running_stats != track_running_stats:
+        raise ValueError(
+            f"track_running_stats={track_running_stats} disagrees with variant.track_running_stats="
+            f"{variant.track_running_stats}; pass the same value to both (spec §16.1)"
+        )
+    if variant.ghost_batch_size is not None and not variant.track_running_stats:
+        raise ValueError(
+            "variant.ghost_batch_size with track_running_stats=False is not specified (spec §14, §16.1); "
+            f"got ghost_batch_size={variant.ghost_batch_size}"
+        )
+    return variant
 
 
 class BatchNorm1d(BatchNorm):

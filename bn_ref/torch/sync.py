@@ -338,6 +338,9 @@ def _factory_of(module: nn.Module) -> dict[str, Any]:
 
 
 def _to_sync(module: nn.Module, process_group: Any) -> SyncBatchNorm:
+    if getattr(module, "variant", None) is not None:  # §13-§16 are single-process rules here
+        raise ValueError(f"convert_sync_batchnorm: a layer with variant={module.variant!r} has no synchronized form; "
+                         "use variant=None")
     factory = _factory_of(module)
     if isinstance(module, BatchNorm):
         conv: Convention = module.convention

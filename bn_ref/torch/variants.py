@@ -61,6 +61,7 @@ def batch_norm_variant(
     convention: ConventionLike = "pytorch",
     count: int = 0,
     renorm: RenormState | None = None,
+    implementation: str = "function",
 ) -> tuple[torch.Tensor, int]:
     """One step of a BN variant; returns ``(y, count after the step)``.
 
@@ -72,6 +73,9 @@ def batch_norm_variant(
       mean of the sub-batch statistics (``ghost_update="mean"``, §14.3).
     * renorm (§13): ``y = weight * (x_hat * r + d) + bias`` with ``r``, ``d`` from ``renorm`` (the
       correction pair, updated in place; required) before its update, detached (§13.2).
+
+    ``implementation`` is :func:`~bn_ref.torch.batch_norm`'s, for every step that is plain BN on
+    the whole batch or on a sub-batch (renorm's step is built from differentiable ops).
     """
     training = _checks.check_flag("training", training)
     if not isinstance(variant, Variant):
@@ -81,22 +85,25 @@ def batch_norm_variant(
     if not variant.track_running_stats:  # §16.1
         if running_mean is not None or running_var is not None:
             raise ValueError("track_running_stats=False keeps no running statistics: pass running_mean=running_var=None")
-        return batch_norm(x, None, None, weight, bias, training=True, convention=conv), count
+        return batch_norm(x, None, None, weight, bias, training=True, convention=conv,
+                          implementation=implementation), count
     if variant.frozen != "no" or not training:  # §15, §4
         if variant.frozen == "all":
             weight = None if weight is None else weight.detach()
             bias = None if bias is None else bias.detach()
-        return batch_norm(x, running_mean, running_var, weight, bias, training=False, convention=conv), count
+        return batch_norm(x, running_mean, running_var, weight, bias, training=False, convention=conv,
+                          implementation=implementation), count
     if variant.ghost_batch_size is not None:
-        return _ghost(x, running_mean, running_var, weight, bias, conv, variant, count)
+        return _ghost(x, running_mean, running_var, weight, bias, conv, variant, count, implementation)
     if variant.renorm:
         if renorm is None or running_mean is None or running_var is None:
             raise ValueError("Batch Renormalization needs running_mean, running_var and renorm (a RenormState, §13.3)")
         return _renorm(x, running_mean, running_var, weight, bias, conv, variant, count, renorm)
-    return batch_norm(x, running_mean, running_var, weight, bias, training=True, convention=conv, count=count), count + 1
+    return batch_norm(x, running_mean, running_var, weight, bias, training=True, convention=conv, count=count,
+                      implementation=implementation), count + 1
 
 
-def _ghost(x, rm, rv, weight, bias, conv, variant, count) -> tuple[torch.Tensor, int]:
+def _ghost(x, rm, rv, weight, bias, conv, variant, count, implementation) -> tuple[torch.Tensor, int]:
     lay = _checks.layout(x.shape, conv.feature_axis)
     parts = _chunks(x.shape[0], int(variant.ghost_batch_size))
     for sl in parts:  # every sub-batch is checked before any state changes (§7.5)
@@ -105,13 +112,15 @@ def _ghost(x, rm, rv, weight, bias, conv, variant, count) -> tuple[torch.Tensor,
     if variant.ghost_update == "sequential" or rm is None:  # §14.2
         ys = []
         for j, sl in enumerate(parts):
-            ys.append(batch_norm(x[sl], rm, rv, weight, bias, training=True, convention=conv, count=count + j))
+            ys.append(batch_norm(x[sl], rm, rv, weight, bias, training=True, convention=conv, count=count + j,
+                                 implementation=implementation))
         return torch.cat(ys, dim=0), count + len(parts)
     # §14.3: normalize each sub-batch, then one update from the mean of the sub-batch statistics.
     ys, means, fed = [], [], []
     for sl in parts:
         sub = x[sl]
-        ys.append(batch_norm(sub, None, None, weight, bias, training=True, convention=conv))
+        ys.append(batch_norm(sub, None, None, weight, bias, training=True, convention=conv,
+                             implementation=implementation))
         mean, var = batch_statistics(sub.detach(), lay.axis)
         n_j = sub.numel() // sub.shape[lay.axis]
         means.append(mean)

@@ -71,7 +71,8 @@ class Trainer:
         self.device = resolve_device(config.device)
         self.device_name = device_label(self.device)
         torch.manual_seed(config.seed)
-        self.model = lenet(bn=config.bn, convention=config.effective_convention, device=self.device)
+        self.model = lenet(bn=config.bn, convention=config.effective_convention, device=self.device,
+                           variant=config.variant())
         self.opt = torch.optim.SGD(self.model.parameters(), lr=config.lr)
 
     def setup(self, xtr: np.ndarray, ytr: np.ndarray, xte: np.ndarray, yte: np.ndarray) -> None:
