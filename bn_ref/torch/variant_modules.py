@@ -42,10 +42,12 @@ class FrozenBatchNorm2d(nn.Module):
     :class:`bn_ref.torch.BatchNorm2d` loads strictly: ``num_batches_tracked`` is dropped on load,
     as torchvision does.
 
-    ``eps``: torchvision's default was 0 before it became 1e-5 (torchvision 0.4 era, so that a
-    frozen ResNet matches the ``torch.nn.BatchNorm2d`` it was trained with); a checkpoint made with
-    a layer of eps 0 needs ``eps=0.0`` to give its old numbers. 1e-5 is the ``"pytorch"``
-    convention's eps (§9).
+    ``eps``: torchvision added it with default 0 in 2020 (pytorch/vision#2190; before, the layer had
+    no eps at all) and changed the default to 1e-5 later that year (pytorch/vision#2933), so that a
+    frozen backbone matches the ``torch.nn.BatchNorm2d`` it was trained with; its detection models
+    whose weights were made under eps 0 set it back with ``overwrite_eps(model, 0.0)``
+    (pytorch/vision#2940). A checkpoint made under eps 0 needs ``eps=0.0`` here too. 1e-5 is the
+    ``"pytorch"`` convention's eps (§9).
 
     Shapes: input (N, C, H, W) floating; output the same shape, in the type promotion of the
     input's and the buffers' dtypes (as torchvision).
