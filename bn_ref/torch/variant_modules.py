@@ -7,6 +7,21 @@
 
 The layers with a :class:`bn_ref.variants.Variant` themselves are :class:`bn_ref.torch.BatchNorm1d`
 / ``2d`` / ``3d`` (``variant=``).
+
+Example::
+
+    >>> import torch, bn_ref.torch as bnt
+    >>> from bn_ref.variants import Variant
+    >>> layer = bnt.BatchNorm2d(3, variant=Variant(renorm=True, rmax=3.0, dmax=5.0))
+    >>> layer(torch.randn(4, 3, 2, 2)).shape
+    torch.Size([4, 3, 2, 2])
+    >>> frozen = bnt.FrozenBatchNorm2d(3)
+    >>> frozen.load_state_dict(layer.state_dict())  # num_batches_tracked is dropped
+    <All keys matched successfully>
+    >>> torch.equal(frozen.running_mean, layer.running_mean)
+    True
+    >>> bnt.precise_bn_(layer, [torch.randn(8, 3, 2, 2) for _ in range(4)])
+    4
 """
 
 from __future__ import annotations
