@@ -38,6 +38,8 @@ VARIANTS = [
     ("frozen-statistics", Variant(frozen="statistics"), {}),
     ("frozen-all", Variant(frozen="all"), {}),
     ("untracked", Variant(track_running_stats=False), {"track_running_stats": False}),
+    ("ghost-autograd", Variant(ghost_batch_size=3), {"implementation": "autograd"}),
+    ("renorm-channels-last", Variant(renorm=True, rmax=1.5, renorm_momentum=0.8), {"convention": "flax"}),
 ]
 LAYERS = [
     ("1d", bnt.BatchNorm1d, (8, 3)),
@@ -66,13 +68,15 @@ def _arr(t):
 
 
 def test_case_count():
-    assert len(VARIANTS) == 11 and len(LAYERS) == 4 and len(CASES) == 44
+    assert len(VARIANTS) == 13 and len(LAYERS) == 4 and len(CASES) == 52
 
 
 @pytest.mark.parametrize(("vid", "v", "kw", "lid", "cls", "shape"), CASES, ids=CASE_IDS)
 def test_layer_matches_reference_over_steps(vid, v, kw, lid, cls, shape):
     layer = _layer(cls, v, kw)
     conv = layer.convention
+    if conv.feature_axis != 1:  # channels last: (N, ..., C)
+        shape = (shape[0], *shape[2:], shape[1])
     own_pair = hasattr(layer, "renorm_mean")
     assert own_pair == (v.renorm and (v.renorm_momentum is not None or v.renorm_track == "stddev"))
     rm, rv = (np.zeros(3), np.ones(3)) if v.track_running_stats else (None, None)
@@ -108,7 +112,7 @@ def test_layer_matches_reference_over_steps(vid, v, kw, lid, cls, shape):
             rmu, rstat = ref.renorm_mean, ref.renorm_stat
             np.testing.assert_allclose(_arr(layer.renorm_mean), rmu, rtol=1e-12, atol=1e-14)
             np.testing.assert_allclose(_arr(layer.renorm_stat), rstat, rtol=1e-12)
-    expected = {"ghost": 9, "ghost-cumulative": 6}.get(vid, 0 if v.frozen != "no" or not v.track_running_stats else 3)
+    expected = {"ghost": 9, "ghost-autograd": 9, "ghost-cumulative": 6}.get(vid, 0 if v.frozen != "no" or not v.track_running_stats else 3)
     assert count == expected  # a ghost step counts its sub-batches (§14.2), a frozen one nothing (§15)
 
 
@@ -180,8 +184,9 @@ OWN_PAIR = Variant(renorm=True, renorm_momentum=0.9, renorm_track="stddev")
 @pytest.mark.parametrize(("vid", "v", "kw"), VARIANTS, ids=[c[0] for c in VARIANTS])
 def test_state_dict_round_trip(vid, v, kw):
     a = _layer(bnt.BatchNorm2d, v, kw)
+    shape = (8, 3, 2, 2) if a.feature_axis == 1 else (8, 2, 2, 3)
     for step in range(2):
-        a(torch.from_numpy(_x((8, 3, 2, 2), step)))
+        a(torch.from_numpy(_x(shape, step)))
     sd = a.state_dict()
     plain_keys = set(nn.BatchNorm2d(3, track_running_stats=v.track_running_stats).state_dict())
     extra = {"renorm_mean", "renorm_stat"} if hasattr(a, "renorm_mean") else set()
@@ -190,7 +195,7 @@ def test_state_dict_round_trip(vid, v, kw):
     b.load_state_dict(sd, strict=True)
     for k, t in sd.items():
         assert torch.equal(t, b.state_dict()[k]), k
-    x = torch.from_numpy(_x((8, 3, 2, 2), 7))
+    x = torch.from_numpy(_x(shape, 7))
     assert torch.equal(a(x), b(x))
     for k, t in a.state_dict().items():
         assert torch.equal(t, b.state_dict()[k]), k
