@@ -112,6 +112,11 @@ class Variant:
             raise ValueError("Variant: renorm with ghost batches is not specified (§14); choose one")
         if self.frozen != "no" and not self.track_running_stats:
             raise ValueError("Variant.frozen normalizes with running statistics, so it needs track_running_stats=True")
+        if self.ghost_batch_size is not None and not self.track_running_stats:
+            raise ValueError(
+                "Variant: ghost batches without running statistics are not specified (§14, §16.1): "
+                "eval would normalize the whole batch while training normalizes sub-batches; choose one"
+            )
 
     @property
     def r_bounds(self) -> tuple[float, float]:

@@ -231,7 +231,7 @@ def test_constructor_errors_name_the_argument():
         bnt.BatchNorm2d(3, variant=Variant(track_running_stats=False))
     with pytest.raises(ValueError, match=r"track_running_stats=False disagrees with variant\.track_running_stats=True"):
         bnt.BatchNorm2d(3, track_running_stats=False, variant=Variant())
-    with pytest.raises(ValueError, match="ghost_batch_size with track_running_stats=False"):
+    with pytest.raises(ValueError, match="ghost batches without running statistics"):
         bnt.BatchNorm1d(3, track_running_stats=False, variant=Variant(ghost_batch_size=2, track_running_stats=False))
     with pytest.raises(ValueError, match="variant"):
         bnt.convert_sync_batchnorm(nn.Sequential(bnt.BatchNorm1d(3, variant=Variant(ghost_batch_size=2))))

@@ -41,7 +41,7 @@ def _fd(f, x, dy, h=1e-6):
     {"rmax": 0.5}, {"rmax": -1.0}, {"dmax": 0.0}, {"rmin": 3.0, "rmax": 2.0}, {"renorm_momentum": 1.5},
     {"renorm_track": "std"}, {"ghost_batch_size": 0}, {"ghost_batch_size": 2.5}, {"ghost_update": "avg"},
     {"frozen": True}, {"renorm": 1}, {"renorm": True, "frozen": "all"}, {"renorm": True, "ghost_batch_size": 4},
-    {"frozen": "statistics", "track_running_stats": False},
+    {"frozen": "statistics", "track_running_stats": False}, {"ghost_batch_size": 2, "track_running_stats": False},
 ])
 def test_variant_rejects_bad_fields(kwargs):
     with pytest.raises((ValueError, TypeError), match="Variant|renorm|must"):

@@ -400,11 +400,6 @@ def check_layer_variant(variant: object, track_running_stats: bool) -> Variant |
             f"track_running_stats={track_running_stats} disagrees with variant.track_running_stats="
             f"{variant.track_running_stats}; pass the same value to both (spec §16.1)"
         )
-    if variant.ghost_batch_size is not None and not variant.track_running_stats:
-        raise ValueError(
-            "variant.ghost_batch_size with track_running_stats=False is not specified (spec §14, §16.1); "
-            f"got ghost_batch_size={variant.ghost_batch_size}"
-        )
     return variant
 
 
