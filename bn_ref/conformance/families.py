@@ -231,8 +231,29 @@ def run_family(family: Family, out_dir: Path, *, root: Path, envs: Path, harness
     else:
         tail = p.stdout.strip().splitlines()[-1:] if p.stdout.strip() else []
         log(f"[{family.name}] {tail[0] if tail else ''} ({meta['harness_s']} s)")
+    if family is not CORE:
+        meta.update(_run_facts(family, py, out_dir, env=env, root=root, log=log))
     meta_path.write_text(json.dumps(meta, indent=1) + "\n")
     return report
+
+
+def _run_facts(family: Family, py: Path, out_dir: Path, *, env: dict, root: Path, log=print) -> dict:
+    """The family's §9 fact probes (bn_ref/conformance/facts_families.py) in its own process and venv:
+    ``out_dir/NAME.facts.json``, which ``python -m bn_ref.conformance facts --collect`` commits."""
+    out = out_dir / f"{family.name}.facts.json"
+    out.unlink(missing_ok=True)
+    cmd = [str(py), "-m", "bn_ref.conformance", "facts", "--family", family.name, "--json", str(out)]
+    t0 = time.perf_counter()
+    try:
+        p = subprocess.run(cmd, env=env, cwd=str(root), capture_output=True, text=True, timeout=900)
+        status, err = p.returncode, p.stderr
+    except subprocess.TimeoutExpired:
+        status, err = "timeout", "the fact probes ran past 900 s"
+    facts = {"facts_s": round(time.perf_counter() - t0, 1), "facts_exit_status": status}
+    if not out.is_file():
+        facts["facts_reason"] = f"no facts written (exit {status}): {_tail(err)}"
+    log(f"[{family.name}] facts: {facts.get('facts_reason', out.name)} ({facts['facts_s']} s)")
+    return facts
 
 
 def main(argv: Sequence[str] | None = None) -> int:
