@@ -9,6 +9,7 @@ by running the family's probes; so does a spec whose version is not the package'
 from __future__ import annotations
 
 import json
+import os
 import re
 from pathlib import Path
 
@@ -61,6 +62,23 @@ def test_spec_family_rows_are_the_committed_facts():
     want = [p.row() for _, prof in facts.load_family_facts() for p in prof]
     assert rows == want, "docs/spec.md §9 family rows are stale; regenerate with " \
         "`python -m bn_ref.conformance facts --write docs/spec.md`"
+
+
+def test_family_runner_writes_the_facts_file(tmp_path):
+    """run_family's fact step runs `facts --family NAME --json OUT/NAME.facts.json` in the family's
+    process: keras-jax (no probes of its own: the core Keras row is its backend) writes an empty
+    document; an unknown family is a usage error."""
+    import sys
+
+    fam = families.get("keras-jax")
+    meta = families._run_facts(fam, Path(sys.executable), tmp_path, env={**os.environ, "PYTHONPATH": str(ROOT)},
+                               root=ROOT, log=lambda m: None)
+    assert meta["facts_exit_status"] == 0 and "facts_reason" not in meta, meta
+    doc = json.loads((tmp_path / "keras-jax.facts.json").read_text(encoding="utf-8"))
+    assert doc == {"schema": facts.SCHEMA, "family": "keras-jax", "rows": []}
+    with pytest.raises(SystemExit) as exc:
+        facts.main(["--family", "no-such-family"])
+    assert exc.value.code == 2
 
 
 def test_table_generation_round_trip(tmp_path):

@@ -599,6 +599,12 @@ def main(argv: list[str] | None = None) -> int:
                         "conformance/facts of the checkout)")
     args = parser.parse_args(argv)
     if args.family:
+        from .families import get
+
+        try:
+            get(args.family)
+        except ValueError as exc:
+            parser.error(str(exc))
         doc = family_facts_json(args.family)
         text = json.dumps(doc, indent=1, ensure_ascii=False) + "\n"
         if args.json:
