@@ -10,7 +10,15 @@ turns profiles into the Markdown table the spec carries between ``facts-table`` 
 stale cell fails CI.
 
 Run ``python -m bn_ref.conformance.facts`` to print the observed table with the versions probed
-(``--check docs/spec.md`` exits 1 when the spec's table differs).
+(``--check docs/spec.md`` exits 1 when the spec's table differs, ``--write docs/spec.md`` rewrites it).
+
+The rows of this module (:data:`PROBES`) are the frameworks of bn-ref's own environment, executed
+by the tests. The framework *families* (:mod:`bn_ref.conformance.families`: tf.keras, Keras 3 on its
+other backends, Haiku, Equinox, stax, tinygrad, Paddle, MLX, OpenVINO, MindSpore) are probed by
+:mod:`.facts_families` in their own venvs (``--family NAME --json OUT``, run by the family runner
+after the harness); their rows are committed as ``conformance/facts/NAME.json`` (``--collect DIR``
+copies a run's ``NAME.facts.json`` files there) and follow the core rows in the table, so CI, which
+has no family venvs, checks the table against those files.
 
 Probes (all NumPy ``default_rng`` seeded, float64 unless said):
 

@@ -10,7 +10,8 @@ environment variables of its process (``KERAS_BACKEND``). A family is run by
 which builds (or reuses) the family's virtual environment under ``--envs`` (``.nox/family-<env>``
 by default, so nox's cache holds it), installs bn-ref there, runs ``python -m bn_ref.conformance
 --adapter ... --json DIR/NAME.json`` in a fresh process and writes ``DIR/NAME.meta.json`` (harness
-seconds, install size, the reason when the environment could not be built). A family whose
+seconds, install size, the reason when the environment could not be built); then the family's §9
+fact probes in the same venv, ``DIR/NAME.facts.json`` (:mod:`bn_ref.conformance.facts_families`). A family whose
 environment cannot be built, or whose harness writes no report, still yields a report: one row per
 adapter factory carrying the reason (:func:`missing_report`), so it is never silently missing.
 :mod:`bn_ref.conformance.merge` merges the family reports into ``conformance/report.json`` and
