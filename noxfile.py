@@ -68,7 +68,8 @@ def conformance(session: nox.Session) -> None:
                     "--markdown", os.path.join("docs", "conformance.md"))
     # The §9 table: each family's fact probes (NAME.facts.json, run in its venv) become the committed
     # conformance/facts/NAME.json; the table is rebuilt from those and the core probes, run here.
-    session.run("python", "-m", "bn_ref.conformance", "facts", "--collect", out, "--write", os.path.join("docs", "spec.md"))
+    facts = ["python", "-m", "bn_ref.conformance", "facts", "--collect", out, "--write", os.path.join("docs", "spec.md")]
+    session.run(*facts, *(["--families", ",".join(only)] if only else []))
 
 
 @nox.session

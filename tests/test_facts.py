@@ -97,6 +97,7 @@ def test_table_generation_round_trip(tmp_path):
     doc["rows"][0]["version"] = "mlx 99.0"
     (runs / "mlx.facts.json").write_text(json.dumps(doc), encoding="utf-8")
     (runs / "paddle.facts.json").write_text(json.dumps({"schema": facts.SCHEMA, "family": "paddle", "rows": []}))
+    assert facts.collect(runs, fdir, only=["paddle"]) == []  # a file of a family not run now is left alone
     assert facts.collect(runs, fdir) == ["mlx"]
     after = facts.full_table(core, fdir)
     diff = [(a, b) for a, b in zip(before.splitlines(), after.splitlines()) if a != b]

@@ -561,7 +561,7 @@ def write_spec_table(spec_text: str, table: str) -> str:
     return pattern.sub(lambda _m: f"{BEGIN}\n{table}\n{END}", spec_text, count=1)
 
 
-def collect(src: Path, facts_dir: Path | None = None) -> list[str]:
+def collect(src: Path, facts_dir: Path | None = None, only: list[str] | None = None) -> list[str]:
     """Copy the family runner's ``src/NAME.facts.json`` to ``facts_dir/NAME.json``; return the families copied.
 
     A family whose run wrote no facts (its environment could not be built, its probes crashed)
@@ -571,6 +571,8 @@ def collect(src: Path, facts_dir: Path | None = None) -> list[str]:
     d.mkdir(parents=True, exist_ok=True)
     copied = []
     for fam in family_order():
+        if only is not None and fam not in only:  # a file left by an earlier run is not this run's
+            continue
         path = Path(src) / f"{fam}.facts.json"
         if path.is_file():
             doc = json.loads(path.read_text(encoding="utf-8"))
@@ -603,6 +605,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", metavar="PATH", help="with --family: write its rows here (bn-ref-facts/1)")
     parser.add_argument("--collect", metavar="DIR", help="copy DIR/NAME.facts.json (the family runs) to the "
                         "committed facts (conformance/facts/NAME.json) before building the table")
+    parser.add_argument("--families", metavar="A,B", help="with --collect: only these families (the ones just run)")
     parser.add_argument("--facts-dir", metavar="DIR", default=None, help="the committed family facts (default "
                         "conformance/facts of the checkout)")
     args = parser.parse_args(argv)
@@ -622,7 +625,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     facts_dir = Path(args.facts_dir) if args.facts_dir else None
     if args.collect:
-        copied = collect(Path(args.collect), facts_dir)
+        only = [n.strip() for n in args.families.split(",") if n.strip()] if args.families else None
+        copied = collect(Path(args.collect), facts_dir, only)
         print(f"facts collected for: {', '.join(copied) or '(none)'}", file=sys.stderr)
     core = profiles(args.only)
     table = render_table(core) if args.only else full_table(core, facts_dir)
