@@ -23,7 +23,7 @@ import math
 import os
 import warnings
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, TypeVar, cast
 
 import numpy as np
 
@@ -169,12 +169,15 @@ def _x64(dtype: str) -> Any:
     return jax.enable_x64(dtype == "float64")
 
 
-def _jax_step(step: Step) -> Step:
-    def wrapped(x: np.ndarray, dtype: str, *args: Any, **kw: Any) -> tuple[Any, Any, Any]:
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def _jax_step(step: F) -> F:
+    def wrapped(x: np.ndarray, dtype: str, *args: Any, **kw: Any) -> Any:
         with _x64(dtype):
             return step(x, dtype, *args, **kw)
 
-    return wrapped
+    return cast(F, wrapped)
 
 
 def _haiku(zero_debias: bool) -> Profile:

@@ -245,12 +245,13 @@ def _run_facts(family: Family, py: Path, out_dir: Path, *, env: dict, root: Path
     out.unlink(missing_ok=True)
     cmd = [str(py), "-m", "bn_ref.conformance", "facts", "--family", family.name, "--json", str(out)]
     t0 = time.perf_counter()
+    status: int | str
     try:
         p = subprocess.run(cmd, env=env, cwd=str(root), capture_output=True, text=True, timeout=900)
         status, err = p.returncode, p.stderr
     except subprocess.TimeoutExpired:
         status, err = "timeout", "the fact probes ran past 900 s"
-    facts = {"facts_s": round(time.perf_counter() - t0, 1), "facts_exit_status": status}
+    facts: dict[str, object] = {"facts_s": round(time.perf_counter() - t0, 1), "facts_exit_status": status}
     if not out.is_file():
         facts["facts_reason"] = f"no facts written (exit {status}): {_tail(err)}"
     log(f"[{family.name}] facts: {facts.get('facts_reason', out.name)} ({facts['facts_s']} s)")
