@@ -49,7 +49,9 @@ def conformance(session: nox.Session) -> None:
     Each framework family (bn_ref/conformance/families.py) runs in its own virtual environment
     (built under .nox/family-NAME on first use, reused afterwards) and process; the family reports
     (conformance/families/NAME.json) are merged into conformance/report.json and
-    docs/conformance.md. ``nox -s conformance -- --only tensorflow`` runs one family (its report
+    docs/conformance.md. Each family's §9 fact probes run in the same venv; their rows are committed as
+    conformance/facts/NAME.json and the table of docs/spec.md §9 is rewritten from them (a new
+    framework version shows up as a diff). ``nox -s conformance -- --only tensorflow`` runs one family (its report
     stays in conformance/families/; the published matrix is only written by a full run). Other
     arguments go to the harness (e.g. ``-- -k rank4``).
     """
@@ -64,6 +66,10 @@ def conformance(session: nox.Session) -> None:
     else:
         session.run(*merge, "--json", os.path.join("conformance", "report.json"),
                     "--markdown", os.path.join("docs", "conformance.md"))
+    # The §9 table: each family's fact probes (NAME.facts.json, run in its venv) become the committed
+    # conformance/facts/NAME.json; the table is rebuilt from those and the core probes, run here.
+    facts = ["python", "-m", "bn_ref.conformance", "facts", "--collect", out, "--write", os.path.join("docs", "spec.md")]
+    session.run(*facts, *(["--families", ",".join(only)] if only else []))
 
 
 @nox.session

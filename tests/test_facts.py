@@ -1,11 +1,15 @@
 """The framework facts of docs/spec.md, executed against the installed frameworks.
 
-A cell of the spec's §9 table that no longer matches what the framework does fails here; so does a
-spec whose version is not the package's. The d2l row's layer is checked against the seed's own code.
+A core cell of the spec's §9 table that no longer matches what the installed framework does fails
+here (executed); a family row (frameworks run in their own venvs, not installed in CI) fails when it
+differs from the committed facts `conformance/facts/NAME.json` that `nox -s conformance` regenerates
+by running the family's probes; so does a spec whose version is not the package's. The d2l row's layer is checked against the seed's own code.
 """
 
 from __future__ import annotations
 
+import json
+import os
 import re
 from pathlib import Path
 
@@ -14,7 +18,8 @@ import pytest
 
 import bn_ref
 from bn_ref import oracle
-from bn_ref.conformance import facts
+from bn_ref.conformance import facts, families
+from bn_ref.conformance.facts_families import FAMILY_PROBES
 
 ROOT = Path(__file__).resolve().parents[1]
 SPEC = ROOT / "docs" / "spec.md"
@@ -23,11 +28,87 @@ SEED = ROOT.parent / "shared" / "seed" / "d2l-batch-norm-notes.txt"
 KEYS = list(facts.PROBES)
 
 
+FAMILY_ROWS = 15
+"""Committed family rows: tf.keras ×2, Keras 3 ×3, Haiku ×2, Equinox ×2, stax, tinygrad, Paddle, MLX, MindSpore,
+OpenVINO — one per implementation the families run (keras-jax's is the core Keras row)."""
+
+
 def test_every_row_is_probed():
     assert len(KEYS) == 7
     rows = facts.spec_table(SPEC.read_text(encoding="utf-8")).splitlines()
     assert rows[:2] == facts.HEADER.splitlines()
-    assert len(rows) - 2 == len(KEYS), "the §9 table and the probes list different rows"
+    committed = facts.load_family_facts()
+    assert sum(len(r) for _, r in committed) == FAMILY_ROWS
+    assert len(rows) - 2 == len(KEYS) + FAMILY_ROWS, "the §9 table and the probes list different rows"
+
+
+def test_every_family_with_probes_has_committed_rows_of_those_probes():
+    """conformance/facts/NAME.json holds one row per probe of the family, in probe order, with the
+    framework version it ran (so a new framework version shows up as a diff)."""
+    order = facts.family_order()
+    assert order == [f.name for f in families.FAMILIES if f.name in FAMILY_PROBES]
+    assert set(order) == set(FAMILY_PROBES)
+    for fam, rows in facts.load_family_facts():
+        doc = json.loads((facts.FACTS_DIR / f"{fam}.json").read_text(encoding="utf-8"))
+        assert [r["key"] for r in doc["rows"]] == list(FAMILY_PROBES[fam]), fam
+        for p in rows:
+            assert re.search(r"\d+\.\d+", p.version), (fam, p.version)
+            assert all(getattr(p, f).strip() for f in p.__dataclass_fields__), (fam, p)
+
+
+def test_spec_family_rows_are_the_committed_facts():
+    """(b) The §9 rows after the core ones are exactly what the committed family facts render to."""
+    rows = facts.spec_table(SPEC.read_text(encoding="utf-8")).splitlines()[2 + len(KEYS):]
+    want = [p.row() for _, prof in facts.load_family_facts() for p in prof]
+    assert rows == want, "docs/spec.md §9 family rows are stale; regenerate with " \
+        "`python -m bn_ref.conformance facts --write docs/spec.md`"
+
+
+def test_family_runner_writes_the_facts_file(tmp_path):
+    """run_family's fact step runs `facts --family NAME --json OUT/NAME.facts.json` in the family's
+    process: keras-jax (no probes of its own: the core Keras row is its backend) writes an empty
+    document; an unknown family is a usage error."""
+    import sys
+
+    fam = families.get("keras-jax")
+    meta = families._run_facts(fam, Path(sys.executable), tmp_path, env={**os.environ, "PYTHONPATH": str(ROOT)},
+                               root=ROOT, log=lambda m: None)
+    assert meta["facts_exit_status"] == 0 and "facts_reason" not in meta, meta
+    doc = json.loads((tmp_path / "keras-jax.facts.json").read_text(encoding="utf-8"))
+    assert doc == {"schema": facts.SCHEMA, "family": "keras-jax", "rows": []}
+    with pytest.raises(SystemExit) as exc:
+        facts.main(["--family", "no-such-family"])
+    assert exc.value.code == 2
+
+
+def test_table_generation_round_trip(tmp_path):
+    """collect → load → render → write into a spec: a changed family cell changes the table; a family
+    whose run wrote nothing keeps its committed rows; a missing committed file is an error."""
+    fdir = tmp_path / "facts"
+    fdir.mkdir()
+    for fam in facts.family_order():
+        (fdir / f"{fam}.json").write_text((facts.FACTS_DIR / f"{fam}.json").read_text(encoding="utf-8"), encoding="utf-8")
+    core = [facts.Profile("X", "x 1.0", "1e-5", "0.1 B", "unbiased", "1", "`ValueError`", "n0", "two-pass",
+                          "bfloat16", "`pytorch`")]
+    before = facts.full_table(core, fdir)
+    runs = tmp_path / "runs"
+    runs.mkdir()
+    doc = json.loads((fdir / "mlx.json").read_text(encoding="utf-8"))
+    doc["rows"][0]["version"] = "mlx 99.0"
+    (runs / "mlx.facts.json").write_text(json.dumps(doc), encoding="utf-8")
+    (runs / "paddle.facts.json").write_text(json.dumps({"schema": facts.SCHEMA, "family": "paddle", "rows": []}))
+    assert facts.collect(runs, fdir, only=["paddle"]) == []  # a file of a family not run now is left alone
+    assert facts.collect(runs, fdir) == ["mlx"]
+    after = facts.full_table(core, fdir)
+    diff = [(a, b) for a, b in zip(before.splitlines(), after.splitlines()) if a != b]
+    assert len(diff) == 1 and "(mlx 99.0)" in diff[0][1]
+    spec = "intro\n" + facts.BEGIN + "\nold\n" + facts.END + "\nrest\n"
+    new = facts.write_spec_table(spec, after)
+    assert facts.spec_table(new) == after and new.startswith("intro\n") and new.endswith("rest\n")
+    assert facts.Profile.from_dict(facts.Profile.from_dict(doc["rows"][0]).to_dict()) == facts.Profile.from_dict(doc["rows"][0])
+    (fdir / "mlx.json").unlink()
+    with pytest.raises(FileNotFoundError, match="mlx"):
+        facts.load_family_facts(fdir)
 
 
 @pytest.mark.parametrize("key", KEYS)

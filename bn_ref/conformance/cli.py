@@ -6,7 +6,8 @@
     python -m bn_ref.conformance export-vectors DIR [-k EXPR]
     python -m bn_ref.conformance check-vectors DIR [--expect-digest SHA256]
     python -m bn_ref.conformance identify --adapter MOD:FACTORY     (which Convention a BN follows)
-    python -m bn_ref.conformance facts [--check docs/spec.md]       (the executed §9 table)
+    python -m bn_ref.conformance facts [--check|--write docs/spec.md] [--collect DIR]  (the executed §9 table)
+    python -m bn_ref.conformance facts --family NAME --json PATH   (a family's §9 rows, in its venv)
 
 The default ledger is the one shipped in the package (``bn_ref/conformance/ledger.toml``). The JSON
 report records ``spec_version``, the version of ``docs/spec.md`` the matrix checks against.

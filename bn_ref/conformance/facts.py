@@ -10,7 +10,15 @@ turns profiles into the Markdown table the spec carries between ``facts-table`` 
 stale cell fails CI.
 
 Run ``python -m bn_ref.conformance.facts`` to print the observed table with the versions probed
-(``--check docs/spec.md`` exits 1 when the spec's table differs).
+(``--check docs/spec.md`` exits 1 when the spec's table differs, ``--write docs/spec.md`` rewrites it).
+
+The rows of this module (:data:`PROBES`) are the frameworks of bn-ref's own environment, executed
+by the tests. The framework *families* (:mod:`bn_ref.conformance.families`: tf.keras, Keras 3 on its
+other backends, Haiku, Equinox, stax, tinygrad, Paddle, MLX, OpenVINO, MindSpore) are probed by
+:mod:`.facts_families` in their own venvs (``--family NAME --json OUT``, run by the family runner
+after the harness); their rows are committed as ``conformance/facts/NAME.json`` (``--collect DIR``
+copies a run's ``NAME.facts.json`` files there) and follow the core rows in the table, so CI, which
+has no family venvs, checks the table against those files.
 
 Probes (all NumPy ``default_rng`` seeded, float64 unless said):
 
@@ -33,6 +41,7 @@ from __future__ import annotations
 
 import argparse
 import inspect
+import json
 import math
 import re
 import sys
@@ -45,7 +54,8 @@ import numpy as np
 from .. import oracle
 from ..conventions import Convention
 
-__all__ = ["Profile", "PROBES", "profile", "profiles", "render_table", "spec_table", "main"]
+__all__ = ["Profile", "PROBES", "profile", "profiles", "render_table", "spec_table", "full_table", "load_family_facts",
+           "family_facts_json", "collect", "write_spec_table", "FACTS_DIR", "main"]
 
 BEGIN = "<!-- facts-table:begin -->"
 END = "<!-- facts-table:end -->"
@@ -69,6 +79,16 @@ class Profile:
     var_alg: str
     bf16_out: str
     preset: str
+
+    def to_dict(self) -> dict[str, str]:
+        return {f: getattr(self, f) for f in self.__dataclass_fields__}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "Profile":
+        missing = [f for f in cls.__dataclass_fields__ if f not in d]
+        if missing:
+            raise ValueError(f"a facts row lacks {missing}: {d}")
+        return cls(**{f: str(d[f]) for f in cls.__dataclass_fields__})
 
     def row(self) -> str:
         cells = [f"{self.framework} ({self.version})", self.eps, self.momentum, self.running_var,
@@ -127,6 +147,8 @@ def _n1_text(y: np.ndarray | None, error: BaseException | None) -> str:
     if error is not None:
         return f"`{type(error).__name__}`"
     assert y is not None
+    if np.array_equal(np.asarray(y, np.float64).reshape(-1, 3), _N1_X.astype(np.float32).astype(np.float64)):
+        return "allowed, y = x (input returned unchanged)"
     # β as the float32 layer holds it: the probe runs in float32.
     beta32 = _N1_BETA.astype(np.float32).astype(np.float64)
     d = float(np.max(np.abs(np.asarray(y, np.float64).reshape(-1, 3) - beta32)))
@@ -144,6 +166,8 @@ def _n0_text(error: BaseException | None, rm: Any, rv: Any, extra: str = "") -> 
         text = "no error; running stats become NaN"
     elif np.array_equal(rm, np.zeros_like(rm)) and np.array_equal(rv, np.ones_like(rv)):
         text = "no error; running stats unchanged"
+    elif np.ptp(rm) == 0 and np.ptp(rv) == 0:  # the same in every channel: say what they became
+        text = f"no error; running stats → mean {rm[0]:.3g}, var {rv[0]:.3g}"
     else:
         text = "no error; running stats changed"
     return text + extra
@@ -159,6 +183,8 @@ def _var_alg(run: Callable[[np.ndarray], np.ndarray], axis: int, eps: float) -> 
     err = float(np.max(np.abs(got - want)))
     # Two-pass float32 on these data is off by ~1e-2 at most (rounding x near 1000, κ ~ 1e5·u);
     # the one-pass formula returns a variance of 0 or a multiple of 0.0625, an O(1) error in y.
+    if not math.isfinite(err):  # an unclipped one-pass variance below -eps: sqrt of a negative number
+        return "one-pass (large-mean output NaN)"
     return "two-pass" if err < 0.1 else f"one-pass (large-mean error {err:.1g})"
 
 
@@ -486,6 +512,76 @@ def profiles(keys: list[str] | None = None) -> list[Profile]:
     return [profile(k) for k in (keys or list(PROBES))]
 
 
+FACTS_DIR = Path(__file__).resolve().parents[2] / "conformance" / "facts"
+"""The committed family facts (``NAME.json``), written by ``nox -s conformance``: CI has no family venvs."""
+
+SCHEMA = "bn-ref-facts/1"
+
+
+def family_order() -> list[str]:
+    """The families with fact probes, in the family table's order (the §9 rows after the core ones)."""
+    from .facts_families import FAMILY_PROBES
+    from .families import FAMILIES
+
+    return [f.name for f in FAMILIES if f.name in FAMILY_PROBES]
+
+
+def family_facts_json(family: str) -> dict[str, Any]:
+    """Run a family's probes here (its frameworks must import) and return the JSON document."""
+    from .facts_families import FAMILY_PROBES, family_profiles
+
+    rows = [dict(key=k, **p.to_dict()) for k, p in family_profiles(family)] if family in FAMILY_PROBES else []
+    return {"schema": SCHEMA, "family": family, "rows": rows}
+
+
+def load_family_facts(facts_dir: Path | None = None) -> list[tuple[str, list[Profile]]]:
+    """The committed family rows, ``(family, profiles)`` in family order; a missing file is an error."""
+    d = FACTS_DIR if facts_dir is None else Path(facts_dir)
+    out = []
+    for fam in family_order():
+        path = d / f"{fam}.json"
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: no facts for family {fam!r}; run `nox -s conformance -- --only {fam}`")
+        doc = json.loads(path.read_text(encoding="utf-8"))
+        if doc.get("schema") != SCHEMA or doc.get("family") != fam:
+            raise ValueError(f"{path}: not a {SCHEMA} document of family {fam!r}")
+        out.append((fam, [Profile.from_dict(r) for r in doc["rows"]]))
+    return out
+
+
+def full_table(core: list[Profile], facts_dir: Path | None = None) -> str:
+    """The whole §9 table: the core rows (executed here) then every family's committed rows."""
+    return render_table(core + [p for _, rows in load_family_facts(facts_dir) for p in rows])
+
+
+def write_spec_table(spec_text: str, table: str) -> str:
+    """``spec_text`` with the table between the ``facts-table`` markers replaced by ``table``."""
+    spec_table(spec_text)  # raises when the markers are missing
+    pattern = re.compile(re.escape(BEGIN) + r"\n.*?\n" + re.escape(END), re.S)
+    return pattern.sub(lambda _m: f"{BEGIN}\n{table}\n{END}", spec_text, count=1)
+
+
+def collect(src: Path, facts_dir: Path | None = None, only: list[str] | None = None) -> list[str]:
+    """Copy the family runner's ``src/NAME.facts.json`` to ``facts_dir/NAME.json``; return the families copied.
+
+    A family whose run wrote no facts (its environment could not be built, its probes crashed)
+    keeps its committed file: the table never loses a row because a venv was missing.
+    """
+    d = FACTS_DIR if facts_dir is None else Path(facts_dir)
+    d.mkdir(parents=True, exist_ok=True)
+    copied = []
+    for fam in family_order():
+        if only is not None and fam not in only:  # a file left by an earlier run is not this run's
+            continue
+        path = Path(src) / f"{fam}.facts.json"
+        if path.is_file():
+            doc = json.loads(path.read_text(encoding="utf-8"))
+            if doc.get("schema") == SCHEMA and doc.get("rows"):
+                (d / f"{fam}.json").write_text(json.dumps(doc, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
+                copied.append(fam)
+    return copied
+
+
 def render_table(rows: list[Profile]) -> str:
     """The §9 table as Markdown, one line per executed row."""
     return HEADER + "\n" + "\n".join(p.row() for p in rows)
@@ -501,11 +597,44 @@ def spec_table(spec_text: str) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bn_ref.conformance.facts", description=__doc__.split("\n")[0])
-    parser.add_argument("--check", metavar="SPEC", help="exit 1 when SPEC's §9 table differs from the observed one")
-    parser.add_argument("--only", action="append", choices=list(PROBES), help="probe only these rows")
+    parser.add_argument("--check", metavar="SPEC", help="exit 1 when SPEC's §9 table differs from the observed one "
+                        "(the core rows executed here, the family rows from the committed facts)")
+    parser.add_argument("--write", metavar="SPEC", help="write the table into SPEC between the facts-table markers")
+    parser.add_argument("--only", action="append", choices=list(PROBES), help="probe only these core rows")
+    parser.add_argument("--family", metavar="NAME", help="run the probes of one framework family (in its venv)")
+    parser.add_argument("--json", metavar="PATH", help="with --family: write its rows here (bn-ref-facts/1)")
+    parser.add_argument("--collect", metavar="DIR", help="copy DIR/NAME.facts.json (the family runs) to the "
+                        "committed facts (conformance/facts/NAME.json) before building the table")
+    parser.add_argument("--families", metavar="A,B", help="with --collect: only these families (the ones just run)")
+    parser.add_argument("--facts-dir", metavar="DIR", default=None, help="the committed family facts (default "
+                        "conformance/facts of the checkout)")
     args = parser.parse_args(argv)
-    table = render_table(profiles(args.only))
+    if args.family:
+        from .families import get
+
+        try:
+            get(args.family)
+        except ValueError as exc:
+            parser.error(str(exc))
+        doc = family_facts_json(args.family)
+        text = json.dumps(doc, indent=1, ensure_ascii=False) + "\n"
+        if args.json:
+            Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.json).write_text(text, encoding="utf-8")
+        print(render_table([Profile.from_dict(r) for r in doc["rows"]]))
+        return 0
+    facts_dir = Path(args.facts_dir) if args.facts_dir else None
+    if args.collect:
+        only = [n.strip() for n in args.families.split(",") if n.strip()] if args.families else None
+        copied = collect(Path(args.collect), facts_dir, only)
+        print(f"facts collected for: {', '.join(copied) or '(none)'}", file=sys.stderr)
+    core = profiles(args.only)
+    table = render_table(core) if args.only else full_table(core, facts_dir)
     print(table)
+    if args.write:
+        path = Path(args.write)
+        path.write_text(write_spec_table(path.read_text(encoding="utf-8"), table), encoding="utf-8")
+        print(f"wrote the §9 table into {path}", file=sys.stderr)
     if args.check:
         want = spec_table(Path(args.check).read_text(encoding="utf-8"))
         if want != table:

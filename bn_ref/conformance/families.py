@@ -10,7 +10,8 @@ environment variables of its process (``KERAS_BACKEND``). A family is run by
 which builds (or reuses) the family's virtual environment under ``--envs`` (``.nox/family-<env>``
 by default, so nox's cache holds it), installs bn-ref there, runs ``python -m bn_ref.conformance
 --adapter ... --json DIR/NAME.json`` in a fresh process and writes ``DIR/NAME.meta.json`` (harness
-seconds, install size, the reason when the environment could not be built). A family whose
+seconds, install size, the reason when the environment could not be built); then the family's §9
+fact probes in the same venv, ``DIR/NAME.facts.json`` (:mod:`bn_ref.conformance.facts_families`). A family whose
 environment cannot be built, or whose harness writes no report, still yields a report: one row per
 adapter factory carrying the reason (:func:`missing_report`), so it is never silently missing.
 :mod:`bn_ref.conformance.merge` merges the family reports into ``conformance/report.json`` and
@@ -231,8 +232,30 @@ def run_family(family: Family, out_dir: Path, *, root: Path, envs: Path, harness
     else:
         tail = p.stdout.strip().splitlines()[-1:] if p.stdout.strip() else []
         log(f"[{family.name}] {tail[0] if tail else ''} ({meta['harness_s']} s)")
+    if family is not CORE:
+        meta.update(_run_facts(family, py, out_dir, env=env, root=root, log=log))
     meta_path.write_text(json.dumps(meta, indent=1) + "\n")
     return report
+
+
+def _run_facts(family: Family, py: Path, out_dir: Path, *, env: dict, root: Path, log=print) -> dict:
+    """The family's §9 fact probes (bn_ref/conformance/facts_families.py) in its own process and venv:
+    ``out_dir/NAME.facts.json``, which ``python -m bn_ref.conformance facts --collect`` commits."""
+    out = out_dir / f"{family.name}.facts.json"
+    out.unlink(missing_ok=True)
+    cmd = [str(py), "-m", "bn_ref.conformance", "facts", "--family", family.name, "--json", str(out)]
+    t0 = time.perf_counter()
+    status: int | str
+    try:
+        p = subprocess.run(cmd, env=env, cwd=str(root), capture_output=True, text=True, timeout=900)
+        status, err = p.returncode, p.stderr
+    except subprocess.TimeoutExpired:
+        status, err = "timeout", "the fact probes ran past 900 s"
+    facts: dict[str, object] = {"facts_s": round(time.perf_counter() - t0, 1), "facts_exit_status": status}
+    if not out.is_file():
+        facts["facts_reason"] = f"no facts written (exit {status}): {_tail(err)}"
+    log(f"[{family.name}] facts: {facts.get('facts_reason', out.name)} ({facts['facts_s']} s)")
+    return facts
 
 
 def main(argv: Sequence[str] | None = None) -> int:
