@@ -223,3 +223,35 @@ def test_every_modes_cell_is_backed_by_a_case() -> None:
             for group in ids:
                 for cid in (i.strip() for i in group.split(",")):
                     assert cid in known, f"§17 names {cid!r}, which is not a catalogue case"
+
+
+# -- framework rows: what they express conforms, the rest is declined with a reason ----------------
+
+
+def test_torch_nn_rows_conform_on_the_variants_they_express() -> None:
+    from bn_ref.conformance.adapters.frameworks_torch import TorchModuleAdapter
+
+    res = run_adapter(TorchModuleAdapter("cpu"), list(cs.VARIANTS), ())
+    ran = {r.case for r in res.checks if r.status != "skip"}
+    assert ran == {"variant-frozen-stats-float64", "variant-frozen-all-float64", "variant-untracked-float64",
+                   "variant-untracked-2d-float64", "variant-precise-float64"}
+    assert all(r.status == "pass" for r in res.checks if r.case in ran), [
+        (r.step, r.key, r.message) for r in res.checks if r.status not in ("pass", "skip")]
+    skipped = [r for r in res.checks if r.status == "skip"]
+    assert len(skipped) == 11 and all(r.message.startswith("not supported: torch.nn.BatchNorm*d has no")
+                                      for r in skipped)
+
+
+def test_flax_linen_use_running_average_in_training_is_frozen_statistics() -> None:
+    pytest.importorskip("flax")
+    from bn_ref.conformance.adapters._jax_util import devices
+    from bn_ref.conformance.adapters.frameworks_flax import FlaxLinenAdapter
+
+    dname, dev = devices()[0]
+    res = run_adapter(FlaxLinenAdapter(False, dname, dev), list(cs.VARIANTS), ())
+    ran = {r.case for r in res.checks if r.status != "skip"}
+    assert ran == {"variant-frozen-stats-float64"}
+    assert all(r.status == "pass" for r in res.checks if r.case in ran)
+    # gradients to gamma and beta flow in the frozen training step
+    keys = {(r.step, r.key) for r in res.checks if r.case in ran}
+    assert ("variant-frozen-stats-float64/step0-train", "dgamma") in keys
