@@ -75,7 +75,8 @@ FAMILIES: tuple[Family, ...] = (
            what="bn-ref's own backends, PyTorch, Flax, Keras 3 on JAX, ONNX, d2l and the distributed rows "
                 "(the adapters built into the harness)"),
     Family("tensorflow", (_A + "tf_keras:factory",), TF_STEPS,
-           what="tf.keras (Keras 2, tf-keras) BatchNormalization: non-fused and fused paths, TensorFlow CPU"),
+           what="tf.keras (Keras 2, tf-keras) BatchNormalization: non-fused and fused paths, and the renorm and "
+                "virtual_batch_size rows of the variants group, TensorFlow CPU"),
     Family("keras-tensorflow", (_A + "keras_backends:factory",), TF_STEPS, env="tensorflow",
            variables=(("KERAS_BACKEND", "tensorflow"),), what="Keras 3 BatchNormalization on the TensorFlow backend"),
     Family("keras-torch", (_A + "keras_backends:factory",), core=True,
