@@ -25,7 +25,7 @@ from bn_ref.conformance.adapters.bnref_torch import FunctionalAdapter  # noqa: E
 
 ROOT = Path(__file__).resolve().parents[1]
 VSPECS = {s.id: s for s in cs.VARIANTS}
-assert len(cs.VARIANTS) == 16, sorted(VSPECS)
+assert len(cs.VARIANTS) == 17, sorted(VSPECS)
 assert all(s.id.startswith("variant-") and s.variant is not None for s in cs.VARIANTS)
 assert {s.id for s in cs.select("variant")[0]} == set(VSPECS)
 
@@ -233,7 +233,8 @@ def test_torch_nn_rows_conform_on_the_variants_they_express() -> None:
 
     res = run_adapter(TorchModuleAdapter("cpu"), list(cs.VARIANTS), ())
     ran = {r.case for r in res.checks if r.status != "skip"}
-    assert ran == {"variant-frozen-stats-float64", "variant-frozen-all-float64", "variant-untracked-float64",
+    assert ran == {"variant-frozen-stats-float64", "variant-frozen-all-float64", "variant-frozen-all-float32",
+                   "variant-untracked-float64",
                    "variant-untracked-2d-float64", "variant-precise-float64"}
     assert all(r.status == "pass" for r in res.checks if r.case in ran), [
         (r.step, r.key, r.message) for r in res.checks if r.status not in ("pass", "skip")]

@@ -491,6 +491,9 @@ def _variants() -> list[CaseSpec]:
                      description=f"frozen={frozen!r} under gradient: running statistics in training, no update"
                                  + (", no gradient to gamma/beta" if frozen == "all" else ", gamma/beta learn")
                                  + " (§15)"))
+    add(CaseSpec("variant-frozen-all-float32", (4, 3, 2, 2), dtype="float32", modes=("train", "train", "eval"),
+                 variant=Variant(frozen="all"), tags=("variant", "frozen"),
+                 description="frozen='all' in float32 (torchvision's FrozenBatchNorm2d buffers are float32 by default)"))
     add(CaseSpec("variant-untracked-float64", (4, 3, 2, 2), modes=("train", "train", "eval"),
                  variant=Variant(track_running_stats=False), tags=("variant", "untracked"),
                  description="track_running_stats=False: batch statistics in training and eval, no state (§16.1)"))
