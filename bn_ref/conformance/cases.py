@@ -467,27 +467,27 @@ def _variants() -> list[CaseSpec]:
         pre = "variant-renorm" if track == "variance" else "variant-renorm-stddev"
         for label, clip, mom in (("clip-active", active, None), ("clip-inactive", inactive, None),
                                  ("momentum", {"rmax": 3.0, "dmax": 2.0}, 0.3)):
-            v = Variant(renorm=True, renorm_track=track, renorm_momentum=mom, **clip)  # type: ignore[arg-type]
+            v = Variant(renorm=True, renorm_track=track, renorm_momentum=mom, **clip)
             add(CaseSpec(f"{pre}-{label}-{dt}", shp, dtype=dt, modes=_VSEQ, variant=v,
                          tags=("variant", "renorm", track),
                          description=f"Batch Renormalization (§13), correction pair tracks the {track}, "
                                      f"{label.replace('-', ' ')}: {clip}"
                                      + (f", renorm_momentum {mom} (batch weight) != momentum" if mom else "")))
     add(CaseSpec("variant-renorm-stddev-float64", shp, modes=_VSEQ, tags=("variant", "renorm", "stddev"),
-                 variant=Variant(renorm=True, renorm_track="stddev", **active),  # type: ignore[arg-type]
+                 variant=Variant(renorm=True, renorm_track="stddev", **active),
                  description="Batch Renormalization tracking the stddev (§13.3), clipping active, float64"))
     for v_size, how in ((4, "divides"), (3, "nondividing")):
         for upd in ("sequential", "mean"):
             mid = "" if upd == "sequential" else "mean-"
             add(CaseSpec(f"variant-ghost-{mid}{how}-float64", shp, modes=("train",) * 3 + ("eval",),
-                         variant=Variant(ghost_batch_size=v_size, ghost_update=upd),  # type: ignore[arg-type]
+                         variant=Variant(ghost_batch_size=v_size, ghost_update=upd),
                          tags=("variant", "ghost", upd),
                          description=f"ghost batches of {v_size} in N = 8 ({how.replace('nond', 'does not d')}), "
                                      f"{upd} running update (§14)"))
     for frozen in ("statistics", "all"):
         short = "stats" if frozen == "statistics" else "all"
         add(CaseSpec(f"variant-frozen-{short}-float64", (4, 3, 2, 2), modes=("train", "train", "eval"),
-                     variant=Variant(frozen=frozen), tags=("variant", "frozen"),  # type: ignore[arg-type]
+                     variant=Variant(frozen=frozen), tags=("variant", "frozen"),
                      description=f"frozen={frozen!r} under gradient: running statistics in training, no update"
                                  + (", no gradient to gamma/beta" if frozen == "all" else ", gamma/beta learn")
                                  + " (§15)"))

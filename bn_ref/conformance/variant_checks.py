@@ -117,7 +117,9 @@ def _ghost_bounds(case: Case, plain: dict[str, Any], judge: str) -> dict[str, np
     parts = [slice(i, min(i + size, case.x.shape[0])) for i in range(0, case.x.shape[0], size)]
     ys, dxs = [], []
     sums: dict[str, np.ndarray] = {}
-    rm, rv, count = case.running_mean, case.running_var, case.count
+    rm: Any = case.running_mean
+    rv: Any = case.running_var
+    count = case.count
     for sl in parts:
         xs = case.x[sl]
         dys = None if case.dy is None else case.dy[sl]
@@ -237,7 +239,7 @@ def check_variant_steps(adapter: Any, name: str, spec_id: str, cases: Sequence[C
     for proto in cases:
         case = dataclasses.replace(proto, running_mean=rm, running_var=rv, count=count,
                                    renorm_mean=rmu, renorm_stat=rstat)
-        base = {"adapter": name, "case": spec_id, "step": case.id}
+        base: dict[str, Any] = {"adapter": name, "case": spec_id, "step": case.id}
         try:
             reason = adapter_skip(adapter, case) or supports(adapter, case)
             raises = getattr(adapter, "variant_raises", None)

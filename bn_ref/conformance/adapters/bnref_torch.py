@@ -46,7 +46,9 @@ class FunctionalAdapter:
                 p.requires_grad_(True)
         state = None
         if case.variant.renorm:
-            state = RenormState(tu.tensor(case.renorm_mean, case, d), tu.tensor(case.renorm_stat, case, d))
+            dt = tu.DTYPES[case.dtype]
+            state = RenormState(torch.tensor(case.renorm_mean, dtype=dt, device=d),
+                                torch.tensor(case.renorm_stat, dtype=dt, device=d))
 
         def fwd(x: torch.Tensor) -> torch.Tensor:
             y, _ = batch_norm_variant(x, rm, rv, w, b, training=case.training, variant=case.variant,

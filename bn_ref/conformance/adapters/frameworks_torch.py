@@ -87,8 +87,8 @@ class TorchModuleAdapter:
         else:
             with torch.no_grad():
                 if case.affine:
-                    m.weight.copy_(_ptensor(case.gamma, case, dev))
-                    m.bias.copy_(_ptensor(case.beta, case, dev))
+                    m.weight.copy_(torch.tensor(case.gamma, dtype=param_dtype(case), device=dev))
+                    m.bias.copy_(torch.tensor(case.beta, dtype=param_dtype(case), device=dev))
             m.zero_grad(set_to_none=True)
             m.train(case.training)
             params = [m.weight, m.bias] if case.affine else [None, None]

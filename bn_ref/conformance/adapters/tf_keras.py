@@ -228,7 +228,7 @@ class TFKerasVariantAdapter:
         with tf.GradientTape() as tape:
             tape.watch(x)
             y = layer(x, training=case.training)
-        y64 = as_f64(tf.cast(y, tf.float64))
+        y64 = np.asarray(tf.cast(y, tf.float64).numpy(), dtype=np.float64)
         out: dict[str, Any] = {"y": y64[inverse], "running_mean": _flat(layer.moving_mean),
                                "running_var": _flat(layer.moving_variance)}
         if self.kind == "renorm":
@@ -237,7 +237,7 @@ class TFKerasVariantAdapter:
             sources = [x] + ([layer.gamma, layer.beta] if case.affine else [])
             dy = tf.constant(np.asarray(case.dy)[order], y.dtype)
             grads = tape.gradient(y, sources, output_gradients=dy)
-            out["dx"] = as_f64(tf.cast(grads[0], tf.float64))[inverse]
+            out["dx"] = np.asarray(tf.cast(grads[0], tf.float64).numpy(), dtype=np.float64)[inverse]
             if case.affine:
                 out["dgamma"] = as_f64(tf.reshape(grads[1], [-1]).numpy())
                 out["dbeta"] = as_f64(tf.reshape(grads[2], [-1]).numpy())
