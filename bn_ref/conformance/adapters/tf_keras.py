@@ -141,12 +141,16 @@ class TFKerasVariantAdapter:
       consecutive ones of §14.1; the adapter feeds the rows in the order that puts the case's
       consecutive sub-batch ``j`` into tf-keras's group ``j`` and restores the order of y and dx.
       A ghost size that does not divide N raises (declared with ``variant_raises``).
+    * ``kind="frozen"``: ``layer.trainable = False`` -- Keras's frozen BN, ``frozen="all"`` (§15): the
+      layer runs in inference mode even when called with ``training=True``, and gamma/beta leave
+      ``layer.trainable_weights``, which is what a Keras training loop differentiates (no gradient).
     """
 
     def __init__(self, kind: str) -> None:
         self.kind = kind
         self.convention = PRESETS["keras"]
-        what = ("renorm=True, renorm_clipping, renorm_momentum" if kind == "renorm" else "virtual_batch_size")
+        what = {"renorm": "renorm=True, renorm_clipping, renorm_momentum", "virtual": "virtual_batch_size",
+                "frozen": "trainable=False"}[kind]
         self.name = f"tf_keras.layers.BatchNormalization({what}) @keras"
         self.description = f"tf-keras {tf_keras.__version__} on tensorflow {tf.__version__} BatchNormalization({what})"
         self._layers: dict[Any, Any] = {}
@@ -158,6 +162,8 @@ class TFKerasVariantAdapter:
 
     def variant_skip(self, case: Case) -> str | None:
         v = case.variant
+        if self.kind == "frozen":
+            return None if v.frozen == "all" else "trainable=False is frozen='all' (no gradient to gamma/beta, §15)"
         if self.kind == "renorm":
             if not v.renorm:
                 return "this row is tf-keras's Batch Renormalization (renorm=True)"
@@ -192,8 +198,11 @@ class TFKerasVariantAdapter:
                 mom = case.momentum if v.renorm_momentum is None else v.renorm_momentum
                 layer = tf_keras.layers.BatchNormalization(renorm=True, renorm_clipping=clip, renorm_momentum=mom,
                                                            **common)
-            else:
+            elif self.kind == "virtual":
                 layer = tf_keras.layers.BatchNormalization(virtual_batch_size=int(v.ghost_batch_size), **common)
+            else:
+                layer = tf_keras.layers.BatchNormalization(**common)
+                layer.trainable = False
             layer.build((None,) + tuple(case.x.shape[1:]))
             self._layers[key] = layer
         return layer
@@ -234,11 +243,14 @@ class TFKerasVariantAdapter:
         if self.kind == "renorm":
             out["renorm_mean"], out["renorm_stat"] = _flat(layer.renorm_mean), _flat(layer.renorm_stddev)
         if case.dy is not None:
-            sources = [x] + ([layer.gamma, layer.beta] if case.affine else [])
+            # What a Keras training loop differentiates: the layer's trainable weights (none once
+            # trainable=False; the tape itself would still reach the variables).
+            params = [w for w in (layer.gamma, layer.beta) if any(w is t for t in layer.trainable_weights)]
+            sources = [x] + (params if case.affine and len(params) == 2 else [])
             dy = tf.constant(np.asarray(case.dy)[order], y.dtype)
             grads = tape.gradient(y, sources, output_gradients=dy)
             out["dx"] = np.asarray(tf.cast(grads[0], tf.float64).numpy(), dtype=np.float64)[inverse]
-            if case.affine:
+            if len(sources) == 3:
                 out["dgamma"] = as_f64(tf.reshape(grads[1], [-1]).numpy())
                 out["dbeta"] = as_f64(tf.reshape(grads[2], [-1]).numpy())
         return out
@@ -252,4 +264,5 @@ def factory() -> list[Any]:
         TFKerasAdapter(fused=None, defaults=True, ranks=(4, 5)),
         TFKerasVariantAdapter("renorm"),
         TFKerasVariantAdapter("virtual"),
+        TFKerasVariantAdapter("frozen"),
     ]
