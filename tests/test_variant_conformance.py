@@ -256,3 +256,33 @@ def test_flax_linen_use_running_average_in_training_is_frozen_statistics() -> No
     # gradients to gamma and beta flow in the frozen training step
     keys = {(r.step, r.key) for r in res.checks if r.case in ran}
     assert ("variant-frozen-stats-float64/step0-train", "dgamma") in keys
+
+
+# -- the capability crosses the worker boundary of an isolated (third-party) adapter -------------
+
+
+def isolated_rows() -> list[Any]:
+    """Factory run in a worker process by the test below: variant_skip and variant_raises declared."""
+
+    class Row(Raises):
+        def variant_skip(self, case: Any) -> str | None:
+            return None if case.variant.ghost_batch_size else "ghost batches only"
+
+    return [Row(True)]
+
+
+def test_isolated_adapters_forward_the_variant_hooks(tmp_path: Path) -> None:
+    import json
+
+    from bn_ref.conformance.cli import run as cli_run
+
+    out = tmp_path / "r.json"
+    status = cli_run(["--adapter", "test_variant_conformance:isolated_rows", "-k", "variant-ghost or variant-frozen",
+                      "--no-ledger", "-q", "--json", str(out)])
+    rep = json.loads(out.read_text())
+    (row,) = rep["adapters"]
+    assert status == 0 and rep["totals"]["fail"] == 0 and rep["totals"]["error"] == 0
+    assert row["groups"]["variants"]["status"] == "pass"
+    skipped = {s["case"]: s["reason"] for s in row["skipped_cases"]}
+    assert set(skipped) == {"variant-frozen-stats-float64", "variant-frozen-all-float64", "variant-frozen-all-float32"}
+    assert all(r == "not supported: ghost batches only" for r in skipped.values())
