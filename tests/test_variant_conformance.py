@@ -105,6 +105,10 @@ def _with(**kw: Any):
 @pytest.mark.parametrize("spec_id,change,keys", [
     # renorm without clipping
     ("variant-renorm-clip-active-float64", _with(rmax=None, rmin=None, dmax=None), {"y", "dx", "dgamma"}),
+    ("variant-renorm-stddev-clip-active-float32", _with(rmax=None, rmin=None, dmax=None), {"y", "dx", "dgamma"}),
+    # r and d from the running pair instead of the correction pair (renorm_momentum ignored in the forward)
+    ("variant-renorm-momentum-float64", lambda c: dataclasses.replace(
+        c, renorm_mean=c.running_mean, renorm_stat=c.running_var), {"y", "dx", "dgamma"}),
     # renorm averaging the other statistic (variance vs stddev) in its correction pair
     ("variant-renorm-stddev-clip-inactive-float32", lambda c: dataclasses.replace(
         c, variant=dataclasses.replace(c.variant, renorm_track="variance"), renorm_stat=c.renorm_stat ** 2 - c.eps),
@@ -120,6 +124,10 @@ def _with(**kw: Any):
     ("variant-frozen-stats-float64", _with(frozen="no"), {"y", "running_mean", "running_var", "dx"}),
     # frozen="all" that lets gradients reach gamma and beta
     ("variant-frozen-all-float64", _with(frozen="statistics"), {"dgamma", "dbeta"}),
+    ("variant-frozen-all-float32", _with(frozen="statistics"), {"dgamma", "dbeta"}),
+    # frozen BN computing dx through the batch statistics (training-mode backward)
+    ("variant-frozen-stats-float64", lambda c: dataclasses.replace(
+        c, variant=variants.Variant(track_running_stats=False), running_mean=None, running_var=None), {"y", "dx"}),
     # tracking off that keeps running statistics / uses them in eval
     ("variant-untracked-float64", lambda c: dataclasses.replace(
         c, variant=variants.Variant(), running_mean=np.zeros(3), running_var=np.ones(3)), {"running_mean", "y"}),
