@@ -29,7 +29,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 # The cross-replica catalogue is asserted, so a parametrization cannot silently shrink.
 assert len(cs.DISTRIBUTED) == 9, [s.id for s in cs.DISTRIBUTED]
-assert len(cs.ALL_SPECS) == len(cs.CATALOGUE) + 9
+assert len(cs.ALL_SPECS) == len(cs.CATALOGUE) + 9 + len(cs.VARIANTS)
 BY_WORLD = {p: [s for s in cs.DISTRIBUTED if len(s.replicas) == p] for p in (2, 4)}
 assert [len(BY_WORLD[2]), len(BY_WORLD[4])] == [3, 6]
 EQUAL = {s.id for s in cs.DISTRIBUTED if len(set(s.replicas)) == 1}

@@ -23,12 +23,14 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from ..conventions import DEFAULT, Convention, resolve
+from ..variants import Variant
 
 __all__ = [
     "Case",
     "CaseSpec",
     "CATALOGUE",
     "DISTRIBUTED",
+    "VARIANTS",
     "ALL_SPECS",
     "RANDOM_SPECS",
     "round_to_dtype",
@@ -82,6 +84,13 @@ class Case:
         expect_error: True when a conforming implementation must raise (n = 1 in training under
             ``single_value="error"``, §7.1).
         step: index of this call in its sequence; spec_id: the catalogue id.
+        variant: None for plain BN; for a case of the ``variants`` group a
+            :class:`bn_ref.variants.Variant` (§13-§16), its ``renorm_momentum`` already in the
+            convention's spelling (§3.5). Only adapters that declare ``variant_skip`` receive such
+            cases (see ``docs/adapters.md``). Under ``track_running_stats=False`` the running
+            statistics are None.
+        renorm_mean, renorm_stat: the renorm correction pair before this call (§13.3; ``renorm_stat``
+            a variance or a stddev per ``variant.renorm_track``), None unless ``variant.renorm``.
         replicas: None for an ordinary case; for a cross-replica case (§11) the per-replica
             batch sizes along axis 0, a tuple summing to ``x.shape[0]`` (a 0 is a replica with no
             samples). ``x`` and ``dy`` are always the *concatenated global batch*, and the
@@ -110,6 +119,9 @@ class Case:
     step: int = 0
     spec_id: str = ""
     replicas: tuple[int, ...] | None = None
+    variant: Any = None
+    renorm_mean: np.ndarray | None = None
+    renorm_stat: np.ndarray | None = None
 
     @property
     def affine(self) -> bool:
@@ -136,6 +148,9 @@ class CaseSpec:
     1 or -1 force one. ``data``: the value family (see :func:`_data`). ``modes``: the steps, e.g.
     ``("train", "eval")`` or six trainings then an eval. ``replicas``: per-replica batch sizes
     along axis 0 for a cross-replica case (§11; sums to ``shape[0]``), None for an ordinary case.
+    ``variant``: a :class:`bn_ref.variants.Variant` for a case of the ``variants`` group (§13-§16),
+    None for plain BN; its ``renorm_momentum`` is the weight of the *batch* term (PyTorch's
+    spelling) and is re-spelled for each convention by :func:`instantiate`.
     """
 
     id: str
@@ -153,6 +168,7 @@ class CaseSpec:
     tags: tuple[str, ...] = field(default=())
     description: str = ""
     replicas: tuple[int, ...] | None = None
+    variant: Any = None
 
     def __post_init__(self) -> None:
         if self.replicas is not None:
@@ -235,6 +251,11 @@ def instantiate(spec: CaseSpec, convention: Convention) -> list[Case]:
     gamma = round_to_dtype(d["gamma"], dt) if spec.affine else None
     beta = round_to_dtype(d["beta"], dt) if spec.affine else None
     rm, rv = round_to_dtype(d["running_mean"], dt), round_to_dtype(d["running_var"], dt)
+    variant, renorm_mean, renorm_stat = spec.variant, None, None
+    if variant is not None:
+        variant, renorm_mean, renorm_stat = _variant_state(spec, conv, rm, rv)
+        if not variant.track_running_stats:
+            rm = rv = None
     cases = []
     n = int(np.prod(spec.shape)) // spec.shape[1]
     for k, mode in enumerate(spec.modes):
@@ -261,9 +282,28 @@ def instantiate(spec: CaseSpec, convention: Convention) -> list[Case]:
                 step=k,
                 spec_id=spec.id,
                 replicas=spec.replicas,
+                variant=variant,
+                renorm_mean=renorm_mean,
+                renorm_stat=renorm_stat,
             )
         )
     return cases
+
+
+def _variant_state(spec: CaseSpec, conv: Convention, rm: Any, rv: Any) -> tuple[Any, Any, Any]:
+    """The spec's Variant re-spelled for ``conv`` (§3.5), and the initial renorm correction pair:
+    near the running pair but not equal to it, so ``r`` and ``d`` are not 1 and 0 (§13.1)."""
+    v = spec.variant
+    if v.renorm_momentum is not None and conv.momentum_on == "running":
+        v = dataclasses.replace(v, renorm_momentum=1.0 - float(v.renorm_momentum))
+    if not v.renorm:
+        return v, None, None
+    rng = np.random.default_rng(_seed(spec) + 1)
+    c = rm.shape[0]
+    rmu = round_to_dtype(rm + 0.5 * rng.standard_normal(c), spec.dtype)
+    rvar = rv * (0.8 + 0.4 * rng.random(c))
+    stat = rvar if v.renorm_track == "variance" else np.sqrt(rvar + conv.eps)
+    return v, rmu, round_to_dtype(stat, spec.dtype)
 
 
 def make_case(
@@ -407,8 +447,71 @@ def _distributed() -> list[CaseSpec]:
 DISTRIBUTED: tuple[CaseSpec, ...] = tuple(_distributed())
 """The cross-replica cases (each with ``replicas``), in a stable order; part of every default run."""
 
-ALL_SPECS: tuple[CaseSpec, ...] = CATALOGUE + DISTRIBUTED
-"""The single-process catalogue followed by the cross-replica cases."""
+_VSEQ = ("train",) * 4 + ("eval",)
+
+
+def _variants() -> list[CaseSpec]:
+    """The ``variants`` group (§13-§17): each case names its :class:`~bn_ref.variants.Variant`.
+
+    Ids start with ``variant-``; ``-k variant`` selects them all, ``-k renorm`` (ghost, frozen,
+    untracked, precise) one family. Renorm cases start from a correction pair that differs from
+    the running pair (:func:`_variant_state`), with clipping bounds that the data reach (``clip-active``)
+    or do not (``clip-inactive``); ``renorm_momentum`` is the batch weight 0.3 (re-spelled per convention).
+    """
+    specs: list[CaseSpec] = []
+    add = specs.append
+    shp = (8, 3, 2)
+    active = {"rmax": 1.5, "rmin": 0.7, "dmax": 0.5}
+    inactive = {"rmax": 8.0, "dmax": 8.0}
+    for track, dt in (("variance", "float64"), ("stddev", "float32")):
+        pre = "variant-renorm" if track == "variance" else "variant-renorm-stddev"
+        for label, clip, mom in (("clip-active", active, None), ("clip-inactive", inactive, None),
+                                 ("momentum", {"rmax": 3.0, "dmax": 2.0}, 0.3)):
+            v = Variant(renorm=True, renorm_track=track, renorm_momentum=mom, **clip)
+            add(CaseSpec(f"{pre}-{label}-{dt}", shp, dtype=dt, modes=_VSEQ, variant=v,
+                         tags=("variant", "renorm", track),
+                         description=f"Batch Renormalization (§13), correction pair tracks the {track}, "
+                                     f"{label.replace('-', ' ')}: {clip}"
+                                     + (f", renorm_momentum {mom} (batch weight) != momentum" if mom else "")))
+    add(CaseSpec("variant-renorm-stddev-float64", shp, modes=_VSEQ, tags=("variant", "renorm", "stddev"),
+                 variant=Variant(renorm=True, renorm_track="stddev", **active),
+                 description="Batch Renormalization tracking the stddev (§13.3), clipping active, float64"))
+    for v_size, how in ((4, "divides"), (3, "nondividing")):
+        for upd in ("sequential", "mean"):
+            mid = "" if upd == "sequential" else "mean-"
+            add(CaseSpec(f"variant-ghost-{mid}{how}-float64", shp, modes=("train",) * 3 + ("eval",),
+                         variant=Variant(ghost_batch_size=v_size, ghost_update=upd),
+                         tags=("variant", "ghost", upd),
+                         description=f"ghost batches of {v_size} in N = 8 ({how.replace('nond', 'does not d')}), "
+                                     f"{upd} running update (§14)"))
+    for frozen in ("statistics", "all"):
+        short = "stats" if frozen == "statistics" else "all"
+        add(CaseSpec(f"variant-frozen-{short}-float64", (4, 3, 2, 2), modes=("train", "train", "eval"),
+                     variant=Variant(frozen=frozen), tags=("variant", "frozen"),
+                     description=f"frozen={frozen!r} under gradient: running statistics in training, no update"
+                                 + (", no gradient to gamma/beta" if frozen == "all" else ", gamma/beta learn")
+                                 + " (§15)"))
+    add(CaseSpec("variant-frozen-all-float32", (4, 3, 2, 2), dtype="float32", modes=("train", "train", "eval"),
+                 variant=Variant(frozen="all"), tags=("variant", "frozen"),
+                 description="frozen='all' in float32 (torchvision's FrozenBatchNorm2d buffers are float32 by default)"))
+    add(CaseSpec("variant-untracked-float64", (4, 3, 2, 2), modes=("train", "train", "eval"),
+                 variant=Variant(track_running_stats=False), tags=("variant", "untracked"),
+                 description="track_running_stats=False: batch statistics in training and eval, no state (§16.1)"))
+    add(CaseSpec("variant-untracked-2d-float64", (8, 3), modes=("train", "eval"),
+                 variant=Variant(track_running_stats=False), tags=("variant", "untracked"),
+                 description="track_running_stats=False, (N, C) input, train then eval (§16.1)"))
+    add(CaseSpec("variant-precise-float64", (4, 3, 2, 2), momentum=None, modes=("train",) * 5, variant=Variant(),
+                 tags=("variant", "precise"),
+                 description="precise BN (§16.2): 5 batches under momentum=None; the final statistics are "
+                             "also checked against precise_statistics of the 5 batches"))
+    return specs
+
+
+VARIANTS: tuple[CaseSpec, ...] = tuple(_variants())
+"""The ``variants`` group: cases that name a :class:`~bn_ref.variants.Variant` (§13-§17)."""
+
+ALL_SPECS: tuple[CaseSpec, ...] = CATALOGUE + DISTRIBUTED + VARIANTS
+"""The single-process catalogue, the cross-replica cases, then the variant cases."""
 
 RANDOM_SPECS: tuple[str, ...] = ("random-float64", "random-float32")
 """Pseudo-case ids of the hypothesis searches (one per dtype), selectable with ``-k`` like cases."""

@@ -21,7 +21,10 @@ Check groups (the columns of the matrix):
 * ``defaults`` -- the framework's layer built from its *own defaults* (no eps or momentum passed;
   the adapter's ``defaults()``) on the cases of :data:`DEFAULTS_CASES`, compared with the oracle
   under the preset that claims to reproduce it: the preset is checked against the framework;
-* ``random``   -- hypothesis-generated cases (shrunk to a minimal failing one).
+* ``random``   -- hypothesis-generated cases (shrunk to a minimal failing one);
+* ``variants`` -- the BN variants of §13-§17 (renorm, ghost batches, frozen, no tracking, precise
+  BN) on the cases that name a ``Variant``, against :mod:`bn_ref.variants`; only adapters that
+  declare ``variant_skip`` run them (:mod:`~bn_ref.conformance.variant_checks`).
 
 The ledger (``conformance/ledger.toml``, :func:`load_ledger`) turns a failing check into an
 *expected deviation* only when an entry names it and its error is within the entry's bound
@@ -60,7 +63,7 @@ __all__ = [
     "DEFAULTS_CASES",
 ]
 
-GROUPS = ("forward", "running", "eval", "backward", "errors", "defaults", "random")
+GROUPS = ("forward", "running", "eval", "backward", "errors", "defaults", "random", "variants")
 DEFAULTS_CASES = ("rank2-float64", "rank4-float64", "sequence-float32", "dtype-float16")
 """The catalogue cases a framework's defaults-built layer runs on (group ``defaults``): ranks 2 and
 4, a running-statistics sequence, and a half-precision case -- enough to see every default (eps,
@@ -346,6 +349,10 @@ def check_steps(adapter: Any, name: str, spec_id: str, cases: Sequence[Case], *,
 
     ``group`` puts every check in one group (``"defaults"``) instead of forward/running/eval/...
     """
+    if cases and cases[0].variant is not None and group is None:
+        from .variant_checks import check_variant_steps
+
+        return check_variant_steps(adapter, name, spec_id, cases)
     res: list[CheckResult] = []
     rm, rv, count = cases[0].running_mean, cases[0].running_var, cases[0].count
     for proto in cases:

@@ -76,7 +76,8 @@ FAMILIES: tuple[Family, ...] = (
            what="bn-ref's own backends, PyTorch, Flax, Keras 3 on JAX, ONNX, d2l and the distributed rows "
                 "(the adapters built into the harness)"),
     Family("tensorflow", (_A + "tf_keras:factory",), TF_STEPS,
-           what="tf.keras (Keras 2, tf-keras) BatchNormalization: non-fused and fused paths, TensorFlow CPU"),
+           what="tf.keras (Keras 2, tf-keras) BatchNormalization: non-fused and fused paths, and the renorm and "
+                "virtual_batch_size rows of the variants group, TensorFlow CPU"),
     Family("keras-tensorflow", (_A + "keras_backends:factory",), TF_STEPS, env="tensorflow",
            variables=(("KERAS_BACKEND", "tensorflow"),), what="Keras 3 BatchNormalization on the TensorFlow backend"),
     Family("keras-torch", (_A + "keras_backends:factory",), core=True,
@@ -88,6 +89,12 @@ FAMILIES: tuple[Family, ...] = (
            what="Keras 3 BatchNormalization on the JAX backend, built from its defaults (the preset row is in core)"),
     Family("jax-libraries", (_A + "haiku_adapter:factory", _A + "equinox_adapter:factory", _A + "stax_adapter:factory"),
            JAX_STEPS, what="dm-haiku hk.BatchNorm, Equinox eqx.nn.BatchNorm, jax.example_libraries.stax.BatchNorm"),
+    # torchvision's PyPI wheel is built against PyTorch's CUDA build; installed --no-deps next to the CPU
+    # build it cannot load its compiled ops, and the adapter compiles FrozenBatchNorm2d from its source
+    # file (torchvision_adapter). "+cpu" keeps pip from ever fetching the multi-GB CUDA torch.
+    Family("torchvision", (_A + "torchvision_adapter:factory",),
+           (("torch==2.13.0+cpu",), ("--no-deps", "torchvision==0.28.0")),
+           what="torchvision.ops.FrozenBatchNorm2d (frozen BN, the variants group) next to the CPU torch 2.13.0"),
     Family("tinygrad", (_A + "tinygrad_adapter:factory",), (("tinygrad",),), what="tinygrad nn.BatchNorm"),
     Family("paddle", (_A + "paddle_adapter:factory",), (("paddlepaddle",),),
            what="PaddlePaddle paddle.nn.BatchNorm1D/2D/3D (CPU)"),

@@ -127,6 +127,7 @@ class _Step:
 def _plan(k: str | None, presets: Sequence[str]) -> Iterator[_Step]:
     """The case steps an export of ``-k k`` under ``presets`` contains, in manifest order."""
     specs, _ = select(k)
+    specs = [s for s in specs if s.variant is None]  # the variants group has no vector format (yet)
     for pname in presets:
         for spec in specs:
             count = 0

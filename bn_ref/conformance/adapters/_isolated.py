@@ -226,6 +226,15 @@ class IsolatedAdapter:
             self.skip = self._skip
         if meta.get("compute_dtype"):
             self.compute_dtype = meta["compute_dtype"]
+        if meta.get("has_variant_skip"):  # the variants capability (docs/adapters.md)
+            self.variant_skip = lambda case: self._ask("variant_skip", case)
+        if meta.get("has_variant_raises"):
+            self.variant_raises = lambda case: self._ask("variant_raises", case)
+
+    def _ask(self, op: str, case: Any) -> str | None:
+        """A variant_skip / variant_raises question to the worker (a crash there is the case's error)."""
+        reason = self._host.call(op, self._index, case)
+        return None if reason is None else str(reason)
 
     def _skip(self, case: Any) -> str | None:
         try:
@@ -259,6 +268,8 @@ def _describe(adapter: Any) -> dict[str, Any]:
         "world_size": getattr(adapter, "world_size", None),
         "unavailable": getattr(adapter, "unavailable", None),
         "has_skip": callable(getattr(adapter, "skip", None)),
+        "has_variant_skip": callable(getattr(adapter, "variant_skip", None)),
+        "has_variant_raises": callable(getattr(adapter, "variant_raises", None)),
         # A declared working dtype travels when it is a dtype name (a callable cannot cross processes).
         "compute_dtype": cd if isinstance(cd := getattr(adapter, "compute_dtype", None), str) else None,
     }
@@ -286,8 +297,8 @@ def main(argv: list[str] | None = None) -> None:
     def handle(msg: dict[str, Any]) -> dict[str, Any]:
         adapter = adapters[msg["index"]]
         try:
-            if msg["op"] == "skip":
-                reason = adapter.skip(msg["case"])
+            if msg["op"] in ("skip", "variant_skip", "variant_raises"):
+                reason = getattr(adapter, msg["op"])(msg["case"])
                 return {"value": None if reason is None else str(reason)}
             out = adapter.run(msg["case"])
             if not isinstance(out, dict):

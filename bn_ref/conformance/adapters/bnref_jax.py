@@ -12,6 +12,7 @@ from flax import nnx
 from ... import flax as bf
 from ... import jax as bj
 from ...conventions import PRESETS, Convention
+from ...jax import variants as bjv
 from ..cases import Case
 from . import _jax_util as ju
 
@@ -44,10 +45,47 @@ class JaxFunctionAdapter(_Base):
     """``bn_ref.jax.batch_norm`` with ``jax.vjp`` for the gradients."""
 
     kind = "bn_ref.jax.batch_norm"
-    description = "bn-ref pure JAX function"
+    description = "bn-ref pure JAX function (variants: bn_ref.jax.variants.batch_norm_variant)"
+
+    def variant_skip(self, case: Case) -> str | None:
+        """Every variant runs, through ``bn_ref.jax.variants.batch_norm_variant`` (jitted per variant)."""
+        return None
+
+    @ju.with_x64
+    def _run_variant(self, case: Case) -> dict[str, Any]:
+        conv, training, v = case.convention, case.training, case.variant
+
+        def build():
+            def f(x, g, b, rm, rv, rmu, rstat, count, dy):
+                state = None if rmu is None else bjv.RenormState(rmu, rstat)
+
+                def fwd(x, g, b):
+                    o = bjv.batch_norm_variant(x, g, b, rm, rv, training=training, variant=v, convention=conv,
+                                               count=count, renorm=state)
+                    pair = (None, None) if o.renorm is None else (o.renorm.mean, o.renorm.stat)
+                    return o.y, (o.running_mean, o.running_var) + pair
+
+                y, vjp, aux = jax.vjp(fwd, x, g, b, has_aux=True)
+                return (y,) + aux + tuple(vjp(dy))
+
+            return f
+
+        fn = self._cache.get(("variant", conv, training, v), build)
+        i = self._inputs(case)
+        pdt = ju.param_dtype(case)
+        rmu, rstat = ju.put(case.renorm_mean, pdt, self.device), ju.put(case.renorm_stat, pdt, self.device)
+        y, nrm, nrv, nmu, nst, dx, dg, db = fn(i["x"], i["gamma"], i["beta"], i["rm"], i["rv"], rmu, rstat,
+                                               case.count, i["dy"])
+        dg, db = ju.out(dg), ju.out(db)
+        if v.frozen == "all" and not (dg is not None and dg.any()) and not (db is not None and db.any()):
+            dg = db = None  # JAX has no "no gradient": stop_gradient yields zeros, reported as none
+        return {"y": ju.out(y), "running_mean": ju.out(nrm), "running_var": ju.out(nrv),
+                "renorm_mean": ju.out(nmu), "renorm_stat": ju.out(nst), "dx": ju.out(dx), "dgamma": dg, "dbeta": db}
 
     @ju.with_x64
     def run(self, case: Case) -> dict[str, Any]:
+        if case.variant is not None:
+            return self._run_variant(case)
         conv, ax, training = case.convention, case.feature_axis, case.training
 
         def build():

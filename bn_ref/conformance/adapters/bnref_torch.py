@@ -9,6 +9,7 @@ import torch
 
 from ... import torch as bt
 from ...conventions import PRESETS, Convention
+from ...torch.variants import RenormState, batch_norm_variant
 from ..cases import Case
 from . import _torch_util as tu
 from .base import numpy_out
@@ -29,7 +30,40 @@ class FunctionalAdapter:
     def skip(self, case: Case) -> str | None:
         return tu.layout_reason(case)
 
+    def variant_skip(self, case: Case) -> str | None:
+        """Every variant runs through ``bn_ref.torch.variants.batch_norm_variant`` (one implementation:
+        the rows of the closed-form implementation run it)."""
+        if self.implementation != "function":
+            return "batch_norm_variant has one implementation; the implementation='function' rows run it"
+        return None
+
+    def _run_variant(self, case: Case) -> dict[str, Any]:
+        d = self.device
+        rm, rv = tu.tensor(case.running_mean, case, d), tu.tensor(case.running_var, case, d)
+        w, b = tu.tensor(case.gamma, case, d), tu.tensor(case.beta, case, d)
+        for p in (w, b):
+            if p is not None:
+                p.requires_grad_(True)
+        state = None
+        if case.variant.renorm:
+            dt = tu.DTYPES[case.dtype]
+            state = RenormState(torch.tensor(case.renorm_mean, dtype=dt, device=d),
+                                torch.tensor(case.renorm_stat, dtype=dt, device=d))
+
+        def fwd(x: torch.Tensor) -> torch.Tensor:
+            y, _ = batch_norm_variant(x, rm, rv, w, b, training=case.training, variant=case.variant,
+                                      convention=case.convention, count=case.count, renorm=state)
+            return y
+
+        out = tu.run_with_grad(case, d, fwd, [w, b])
+        out["running_mean"], out["running_var"] = numpy_out(rm), numpy_out(rv)
+        if state is not None:
+            out["renorm_mean"], out["renorm_stat"] = numpy_out(state.mean), numpy_out(state.stat)
+        return out
+
     def run(self, case: Case) -> dict[str, Any]:
+        if case.variant is not None:
+            return self._run_variant(case)
         d = self.device
         rm, rv = tu.tensor(case.running_mean, case, d), tu.tensor(case.running_var, case, d)
         w = tu.tensor(case.gamma, case, d)

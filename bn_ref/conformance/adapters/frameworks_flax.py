@@ -41,9 +41,25 @@ class FlaxLinenAdapter(_Base):
     def skip(self, case: Case) -> str | None:
         return _reason(case)
 
+    def variant_skip(self, case: Case) -> str | None:
+        """Flax expresses one variant in the layer: ``use_running_average=True`` in a training step
+        with gradients taken is ``frozen="statistics"`` (§15, §17)."""
+        if self._defaults:
+            return "the defaults row runs the plain catalogue only"
+        v = case.variant
+        if v.frozen == "statistics":
+            return None
+        if v.frozen == "all":
+            return "freezing gamma/beta is the optimizer's business in Flax (optax), not the layer's"
+        if not v.track_running_stats:
+            return "flax.linen.BatchNorm has no tracking-off mode (batch_stats are always kept)"
+        return "flax.linen.BatchNorm has no Batch Renormalization, ghost batches or cumulative average"
+
     @ju.with_x64
     def run(self, case: Case) -> dict[str, Any]:
-        training, affine = case.training, case.affine
+        # frozen="statistics": use_running_average=True during training, gradients still taken (§15)
+        training = case.training and (case.variant is None or case.variant.frozen == "no")
+        affine = case.affine
         key = (training, affine, case.dtype, case.feature_axis, case.eps, case.momentum)
 
         def build():

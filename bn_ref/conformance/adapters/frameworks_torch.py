@@ -60,7 +60,50 @@ class TorchModuleAdapter:
     def skip(self, case: Case) -> str | None:
         return _reason(case, "torch.nn.BatchNorm*d")
 
+    def variant_skip(self, case: Case) -> str | None:
+        """``track_running_stats=False``; frozen BN the PyTorch way -- ``.eval()`` inside a training
+        step, with ``requires_grad`` on (``frozen="statistics"``) or off (``"all"``); precise BN as
+        ``momentum=None`` (§15-§17). No renorm, no ghost batches."""
+        v = case.variant
+        if self._defaults:
+            return "the defaults row runs the plain catalogue only"
+        if v.renorm:
+            return "torch.nn.BatchNorm*d has no Batch Renormalization"
+        if v.ghost_batch_size is not None:
+            return "torch.nn.BatchNorm*d has no ghost batches"
+        return None
+
+    def _run_variant(self, case: Case) -> dict[str, Any]:
+        v, dev = case.variant, self.device
+        c = case.x.shape[1]
+        key = ("variant", case.rank, c, case.dtype, case.affine, case.eps, case.momentum, v.track_running_stats)
+        m = self._cache.get(key)
+        if m is None:
+            m = _MODULES[case.rank](c, eps=case.eps, momentum=case.momentum, affine=case.affine,
+                                    track_running_stats=v.track_running_stats, device=dev, dtype=param_dtype(case))
+            self._cache[key] = m
+        if v.track_running_stats:
+            params = tu.load_case_state(m, case, dev)
+        else:
+            with torch.no_grad():
+                if case.affine:
+                    m.weight.copy_(torch.tensor(case.gamma, dtype=param_dtype(case), device=dev))
+                    m.bias.copy_(torch.tensor(case.beta, dtype=param_dtype(case), device=dev))
+            m.zero_grad(set_to_none=True)
+            m.train(case.training)
+            params = [m.weight, m.bias] if case.affine else [None, None]
+        if v.frozen != "no":
+            m.eval()  # the PyTorch idiom for frozen BN: eval mode inside a training step
+        for p in params:
+            if p is not None:
+                p.requires_grad_(v.frozen != "all")
+        out = tu.run_with_grad(case, dev, m, params)
+        out["running_mean"], out["running_var"] = numpy_out(m.running_mean), numpy_out(m.running_var)
+        return out
+
     def run(self, case: Case) -> dict[str, Any]:
+        if case.variant is not None:
+            return self._run_variant(case)
         c = case.x.shape[1]
         key = (case.rank, c, case.dtype, case.affine, case.eps, case.momentum)
         m = self._cache.get(key)
