@@ -56,7 +56,7 @@ def test_linen_attributes_are_flax_attributes_in_flax_order_then_bn_refs():
     theirs, ours = _linen_fields(nn.BatchNorm), _linen_fields(BatchNorm)
     assert len(theirs) == 14
     assert ours[: len(theirs)] == theirs  # positional construction means the same thing
-    assert ours[len(theirs) :] == ["convention", "eps"]
+    assert ours[len(theirs) :] == ["convention", "eps", "variant"]
     # Defaults: the same values, or sentinels the default convention ("flax") resolves to them.
     d_t = {f.name: f.default for f in dataclasses.fields(nn.BatchNorm)}
     d_o = {f.name: f.default for f in dataclasses.fields(BatchNorm)}
@@ -75,7 +75,7 @@ def test_nnx_signature_has_flax_parameters_in_flax_order_then_bn_refs():
     names_t, names_o = list(theirs), list(ours)
     assert len(names_t) == 19  # self, num_features, 17 keywords
     assert names_o[: len(names_t)] == names_t
-    assert names_o[len(names_t) :] == ["convention", "eps"]
+    assert names_o[len(names_t) :] == ["convention", "eps", "variant"]
     for k in names_t:
         assert ours[k].kind == theirs[k].kind, k
     for k in ("use_running_average", "dtype", "param_dtype", "use_bias", "use_scale", "axis_name",

@@ -28,6 +28,7 @@ import optax
 
 from ..conventions import ConventionLike, get_convention
 from ..flax import BatchNorm
+from ..variants import Variant
 
 __all__ = ["LeNet", "native_batchnorm_kwargs", "TrainState", "create_train_state", "train_step", "loss_and_accuracy"]
 
@@ -75,6 +76,10 @@ class LeNet(nn.Module):
             count-weighted and exact; ``flax.linen.BatchNorm`` (``bn="native"``) averages the
             devices' statistics with equal weights, exact only when every device holds the same
             number of real samples.
+        variant: None (plain BN), or a :class:`bn_ref.variants.Variant` every bn-ref layer trains
+            with -- Batch Renormalization (spec §13), ghost batches (§14), ... (``bn="ref"`` only;
+            no ``axis_name`` or ``mask`` with it). The ghost batches of a conv layer are groups of
+            images (axis 0), their statistics over the images' positions too (§6).
 
     Initialisation: Xavier-uniform kernels and zero biases for every Conv/Dense (the book's
     classic init); BN scale ones, bias zeros, running mean/var zeros/ones.
@@ -84,13 +89,21 @@ class LeNet(nn.Module):
     convention: ConventionLike = "flax"
     param_dtype: Any = jnp.float32
     axis_name: Any = None
+    variant: Variant | None = None
 
     def _norm(self, name: str, mask: jax.Array | None) -> Callable[[jax.Array, bool], jax.Array]:
+        if self.variant is not None and self.bn != "ref":
+            raise ValueError(f"LeNet variant= needs bn='ref' (bn-ref's layers); got bn={self.bn!r}")
         if self.bn == "none":
             return lambda h, train: h
         if self.bn == "ref":
             layer = BatchNorm(
-                convention=self.convention, axis=-1, param_dtype=self.param_dtype, axis_name=self.axis_name, name=name
+                convention=self.convention,
+                axis=-1,
+                param_dtype=self.param_dtype,
+                axis_name=self.axis_name,
+                variant=self.variant,
+                name=name,
             )
             return lambda h, train: layer(h, use_running_average=not train, mask=mask)
         if self.bn == "native":

@@ -9,7 +9,9 @@
 The d2l LeNet-BN built on the linen layer is application code: :mod:`bn_ref.apps.lenet_flax`.
 
 Both layers are thin shells over the pure function :func:`bn_ref.jax.batch_norm`
-(``docs/spec.md`` §2-§4, §11), so they compute the same bits.
+(``docs/spec.md`` §2-§4, §11), so they compute the same bits. With ``variant=`` (a
+:class:`bn_ref.variants.Variant`: Batch Renormalization, ghost batches, frozen BN, no running
+statistics; §13-§17) both run :func:`bn_ref.jax.variants.batch_norm_variant` instead.
 """
 
 from __future__ import annotations

@@ -12,7 +12,9 @@ from flax import nnx
 from .. import _checks
 from ..conventions import DEFAULT, ConventionLike
 from ..jax import batch_norm
-from .linen import layer_convention
+from ..jax.variants import RenormState
+from ..variants import Variant
+from .linen import check_variant, check_variant_mask, layer_convention, separate_renorm_pair, variant_step
 
 __all__ = ["BatchNorm"]
 
@@ -51,7 +53,14 @@ class BatchNorm(nnx.Module):
         bias_metadata, scale_metadata: metadata for the ``nnx.Param`` of ``bias`` / ``scale``.
 
     bn-ref's own (keyword) arguments, after Flax's: ``convention`` (a preset name or a
-    :class:`bn_ref.Convention`) and ``eps`` (bn-ref's spelling of ``epsilon``; give one).
+    :class:`bn_ref.Convention`), ``eps`` (bn-ref's spelling of ``epsilon``; give one) and
+    ``variant``: None (plain BN) or a :class:`bn_ref.variants.Variant` (§13-§16), with exactly the
+    meaning it has for the linen layer (see :class:`bn_ref.flax.BatchNorm`, "With a variant"):
+    the same function, :func:`bn_ref.jax.variants.batch_norm_variant`, computes both, so linen and
+    NNX agree bit for bit. State with a variant: ``Variant(track_running_stats=False)`` keeps no
+    ``mean``/``var`` (both attributes are None); a renorm layer whose correction pair differs from
+    the running pair (§13.3) has two more ``nnx.BatchStat``, ``renorm_mean`` and ``renorm_stat``;
+    ``frozen="all"`` leaves ``scale``/``bias`` as ``nnx.Param`` with a zero gradient.
 
     State: ``scale``/``bias`` (``nnx.Param``, (C,)) and ``mean``/``var`` (``nnx.BatchStat``,
     (C,), zeros/ones) -- Flax's, so ``nnx.state`` of a ``flax.nnx.BatchNorm`` loads unchanged
@@ -87,10 +96,13 @@ class BatchNorm(nnx.Module):
         scale_metadata: Mapping[str, Any] = MappingProxyType({}),
         convention: ConventionLike = "flax",
         eps: float | None = None,
+        variant: Variant | None = None,
     ) -> None:
         num_features = _checks.check_num_features(num_features)
-        self.convention = layer_convention(convention, axis=axis, momentum=momentum, epsilon=epsilon, eps=eps)
+        conv = layer_convention(convention, axis=axis, momentum=momentum, epsilon=epsilon, eps=eps)
         self.use_fast_variance = _checks.check_flag("use_fast_variance", use_fast_variance)
+        self.variant = check_variant(variant, axis_name=axis_name, use_fast_variance=self.use_fast_variance)
+        self.convention = conv
         shape = (num_features,)
 
         def key(init: Any, name: str) -> Any:
@@ -103,10 +115,15 @@ class BatchNorm(nnx.Module):
         self.num_features = num_features
         self.scale = nnx.Param(scale_init(key(scale_init, "scale_init"), shape, param_dtype), **scale_metadata) if use_scale else None
         self.bias = nnx.Param(bias_init(key(bias_init, "bias_init"), shape, param_dtype), **bias_metadata) if use_bias else None
-        self.mean = nnx.BatchStat(jnp.zeros(shape, param_dtype))
-        self.var = nnx.BatchStat(jnp.ones(shape, param_dtype))
-        if self.convention.momentum is None:
+        tracked = variant is None or variant.track_running_stats  # §16.1: none kept
+        self.mean = nnx.BatchStat(jnp.zeros(shape, param_dtype)) if tracked else None
+        self.var = nnx.BatchStat(jnp.ones(shape, param_dtype)) if tracked else None
+        if tracked and self.convention.momentum is None:
             self.count = nnx.BatchStat(jnp.zeros((), jnp.float32))
+        if separate_renorm_pair(variant, conv):  # §13.3: the correction pair, started as linen starts it
+            start = RenormState.from_running(jnp.zeros(shape, param_dtype), jnp.ones(shape, param_dtype), variant, conv.eps)
+            self.renorm_mean = nnx.BatchStat(start.mean.astype(param_dtype))
+            self.renorm_stat = nnx.BatchStat(start.stat.astype(param_dtype))
         self.use_running_average = use_running_average
         self.dtype = dtype
         self.param_dtype = param_dtype
@@ -129,12 +146,42 @@ class BatchNorm(nnx.Module):
                 "pass True/False to one of them, or use .train()/.eval() or nnx.view"
             )
         use_ra = _checks.check_flag("use_running_average", use_ra)
+        check_variant_mask(self.variant, mask)
         scale = None if self.scale is None else self.scale[...]
         bias = None if self.bias is None else self.bias[...]
-        mean, var = self.mean[...], self.var[...]
+        mean = None if self.mean is None else self.mean[...]
+        var = None if self.var is None else self.var[...]
         if self.promote_dtype is not None:
             x, mean, var, scale, bias = self.promote_dtype((x, mean, var, scale, bias), dtype=self.dtype)
         has_count = "count" in vars(self)
+        count = self.count[...].astype(jnp.int32) if has_count else 0
+        if self.variant is not None:
+            x = jnp.asarray(x)
+            _checks.check_float_dtype("x", jnp.dtype(x.dtype).name)
+            has_pair = "renorm_mean" in vars(self)
+            out = variant_step(
+                x,
+                scale,
+                bias,
+                mean,
+                var,
+                (self.renorm_mean[...], self.renorm_stat[...]) if has_pair else None,
+                training=not use_ra,
+                variant=self.variant,
+                conv=self.convention,
+                count=count,
+                dtype=self.dtype,
+            )
+            if not use_ra and self.mean is not None and self.variant.frozen == "no":  # §3.6, §15
+                self.mean[...] = jnp.asarray(out.running_mean).astype(self.mean[...].dtype)
+                self.var[...] = jnp.asarray(out.running_var).astype(self.var[...].dtype)
+                if has_count:
+                    self.count[...] = jnp.asarray(out.count, jnp.float32)
+                if has_pair:
+                    assert out.renorm is not None
+                    self.renorm_mean[...] = out.renorm.mean.astype(self.renorm_mean[...].dtype)
+                    self.renorm_stat[...] = out.renorm.stat.astype(self.renorm_stat[...].dtype)
+            return out.y
         y, new_mean, new_var, new_count = batch_norm(
             x,
             scale,
@@ -143,7 +190,7 @@ class BatchNorm(nnx.Module):
             var,
             training=not use_ra,
             convention=self.convention,
-            count=self.count[...].astype(jnp.int32) if has_count else 0,
+            count=count,
             axis_name=self.axis_name,
             axis_index_groups=self.axis_index_groups,
             mask=mask,

@@ -70,13 +70,19 @@ def tree_from_arrays(prefix: str, template: Any, arrays: dict[str, np.ndarray]) 
 
 
 class Trainer:
-    """SGD (optax) on the Flax LeNet-BN; images ``(N, 28, 28, 1)`` float32."""
+    """SGD (optax) on the Flax LeNet-BN; images ``(N, 28, 28, 1)`` float32.
+
+    ``--bn-variant`` builds the model with ``config.variant()`` (spec §13-§14). The state the
+    variant keeps lives in ``batch_stats`` (for LeNet's renorm, whose correction pair is the running
+    pair, §13.3, that is just ``mean``/``var``; a layer with its own pair adds ``renorm_mean``/
+    ``renorm_stat``), so the scan carries it and the checkpoint saves it like any running statistic.
+    """
 
     def __init__(self, config) -> None:
         self.config = config
         self.device = resolve_device(config.device)
         self.device_name = device_label(self.device)
-        self.model = LeNet(bn=config.bn, convention=config.effective_convention)
+        self.model = LeNet(bn=config.bn, convention=config.effective_convention, variant=config.variant())
         with jax.default_device(self.device):
             variables = self.model.init(jax.random.PRNGKey(config.seed), jnp.zeros((2, 28, 28, 1), jnp.float32), train=False)
         self.params = variables["params"]
