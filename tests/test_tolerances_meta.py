@@ -203,3 +203,23 @@ def test_issue_example_all_zero_float16_large_mean():
         res = check_steps(_Fixed(make, "float16"), wname, case.spec_id, [case])
         y = next(r for r in res if r.key == "y")
         assert y.status == "fail" and y.units > least, (wname, y.status, y.units)
+
+
+ISSUE_DATA_ROWS = [pytest.param(w, dt, id=f"{w}-{dt}") for w in WRONG if w != "eps-x10" for dt in DTYPES]
+
+
+def test_issue_data_row_count():
+    assert len(ISSUE_DATA_ROWS) == 7 * 4
+
+
+@pytest.mark.parametrize("wname,dtype", ISSUE_DATA_ROWS)
+def test_wrong_output_fails_on_the_issue_data(wname: str, dtype: str) -> None:
+    """The issue's data, 100 + N(0, 1): every wrong answer but eps x 10 (4.5e-5 relative there, see
+    the module docstring) fails on the training step and on the eval step."""
+    make, key = WRONG[wname]
+    for case in _cases(dtype, "large-mean", loc_scale=(100.0, 1.0)):
+        if key == "running_var" and not case.training:
+            continue
+        res = check_steps(_Fixed(make, dtype), wname, case.spec_id, [case])
+        r = next(r for r in res if r.key == key)
+        assert r.status == "fail", (wname, dtype, case.id, r.status, r.units)
