@@ -16,6 +16,7 @@ a bad call fails before anything is computed or updated (§7.5).
 
 from __future__ import annotations
 
+import functools
 import numbers
 import warnings
 from typing import Any, NamedTuple, Sequence
@@ -184,9 +185,10 @@ def normalize(
     parts += [a.dtype for a in (gamma, beta) if a is not None]
     cd = jnp.result_type(*parts)
     out_dtype = x.dtype if dtype is None else jnp.dtype(dtype)
-    # §2.2. Known limit: reverse-mode AD of rsqrt forms (var + eps)^(-3/2), which underflows to 0
-    # in float32 once var > ~1e25 and drops the variance term of dx (ledgered: huge-scale-float32);
-    # the cure is a closed-form backward (§5.1) as in the PyTorch backend.
+    # §2.2. Differentiating this rsqrt forms (var + eps)^(-3/2), which underflows in float32 once
+    # var > ~1e25; batch_norm's training path therefore differentiates through _train_forward's
+    # closed-form tangent (§5.1) instead, and only the running statistics of eval (§4) reach here
+    # under autodiff.
     mul = lax.rsqrt(var.astype(cd) + eps)
     if gamma is not None:
         mul = mul * gamma.astype(cd)  # §2.3
@@ -237,6 +239,113 @@ def update_running(
         corr = jnp.asarray(corr, var.dtype)
     var_in = var if (isinstance(corr, numbers.Real) and corr == 1.0) else var * corr
     return blend(running_mean, mean), blend(running_var, var_in)
+
+
+# -- the training forward with its closed-form tangent (§5.1) ------------------------------------
+
+
+class _TrainConfig(NamedTuple):
+    """The static (hashable) arguments of :func:`_train_forward`."""
+
+    eps: float
+    axis: int
+    axis_name: Any
+    axis_index_groups: tuple[tuple[int, ...], ...] | None
+    dtype: Any
+
+
+def _count(x_shape: Sequence[int], m: Array | None, axis: int, axis_name: Any, axis_index_groups: Any) -> Any:
+    """n, the number of values each channel's statistics reduce: what :func:`batch_stats` returns
+    as its third result (a Python int when static, else int32: a scalar, or (C,) with a mask)."""
+    lay = _checks.layout(x_shape, axis)
+    if m is None:
+        group = _group_size(axis_name, axis_index_groups)
+        if group is not None:
+            return lay.n * group
+        n = jnp.asarray(lay.n, jnp.int32)
+    else:
+        n = jnp.sum(jnp.broadcast_to(m, tuple(x_shape)), axis=lay.reduce, dtype=jnp.int32)  # (C,), §11.5
+    if axis_name is not None:
+        n = lax.psum(n, axis_name, axis_index_groups=axis_index_groups)
+    return n
+
+
+def _train_primal(
+    x: Array, gamma: Array | None, beta: Array | None, m: Array | None, cfg: _TrainConfig
+) -> tuple[Array, Array, Array]:
+    mean, var, _ = batch_stats(x, axis=cfg.axis, axis_name=cfg.axis_name,
+                               axis_index_groups=cfg.axis_index_groups, mask=m)  # §2.1, §11
+    y = normalize(x, mean, var, gamma, beta, eps=cfg.eps, axis=cfg.axis, dtype=cfg.dtype)  # §2.2-§2.3
+    return y, mean, var
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(4,))
+def _train_forward(
+    x: Array, gamma: Array | None, beta: Array | None, m: Array | None, cfg: _TrainConfig
+) -> tuple[Array, Array, Array]:
+    """``(y, mean, var)`` of a training step: two-pass batch statistics (§2.1) and the normalized,
+    scaled and shifted ``y`` (§2.2-§2.3), exactly :func:`batch_stats` then :func:`normalize`.
+
+    Shapes: x (N, C, ...) or (N, ..., C), already zeroed where ``m`` is False; gamma, beta (C,) or
+    None; m None or a bool array broadcasting to x. Returns y like x (in ``cfg.dtype`` or x's), mean
+    and var (C,) in the statistics dtype.
+
+    Its derivative is not autodiff of the primal (which differentiates rsqrt(var + eps) and forms
+    (var + eps)^(-3/2): about 5e-46 for var ~ 1e30, below float32's smallest subnormal, so the
+    variance term of dx vanished) but the closed form of §5.1, as a JVP (see :func:`_train_forward_jvp`);
+    JAX transposes it for reverse mode, so jvp, grad, vjp, vmap and jit all use it.
+    """
+    return _train_primal(x, gamma, beta, m, cfg)
+
+
+@_train_forward.defjvp
+def _train_forward_jvp(cfg: _TrainConfig, primals: tuple, tangents: tuple) -> tuple[tuple, tuple]:
+    """The tangent of :func:`_train_forward` in closed form (§5.1, §5.3), per channel::
+
+        t_xh = inv * (t_x - mean(t_x) - xh * mean(t_x * xh)),   inv = 1 / sqrt(var + eps)
+        t_y  = gamma * t_xh + t_gamma * xh + t_beta
+        t_mean = mean(t_x),   t_var = 2 * mean((x - mean) * (t_x - mean(t_x)))
+
+    Every mean is over the channel's reduced axes, only over the values ``m`` keeps (§11.5) and,
+    under ``axis_name``, over every device's values (a ``psum`` of sums over the psum of counts,
+    §11.6). Its transpose is §5.1's ``dx = (gamma * inv) (dy - mean(dy) - xh mean(dy xh))``. The
+    tangent is computed in the dtype :func:`normalize` computes in (at least float32, §8.3) and
+    rounded once to the output dtype. No factor (var + eps)^(-3/2) is ever formed.
+    """
+    x, gamma, beta, m = primals
+    tx, tg, tb, _ = tangents
+    y, mean, var = _train_primal(x, gamma, beta, m, cfg)
+    lay = _checks.layout(x.shape, cfg.axis)
+    red, bshape = lay.reduce, lay.bshape
+    parts = [stats_dtype(x.dtype), mean.dtype, var.dtype] + [a.dtype for a in (gamma, beta) if a is not None]
+    cd = jnp.result_type(*parts)
+    n = _count(x.shape, m, cfg.axis, cfg.axis_name, cfg.axis_index_groups)
+    nf = n if isinstance(n, numbers.Real) else n.astype(cd)
+
+    def keep(a: Array) -> Array:
+        return a if m is None else jnp.where(m, a, jnp.zeros((), a.dtype))
+
+    def cmean(a: Array) -> Array:  # (C,): the channel mean over the kept values of every device
+        total = jnp.sum(keep(a), axis=red)
+        if cfg.axis_name is not None:
+            total = lax.psum(total, cfg.axis_name, axis_index_groups=cfg.axis_index_groups)
+        return total / nf
+
+    inv = lax.rsqrt(var.astype(cd) + cfg.eps)
+    centred = keep(x.astype(cd) - mean.astype(cd).reshape(bshape))
+    xh = centred * inv.reshape(bshape)
+    t = keep(tx.astype(cd))
+    mt = cmean(t)
+    tc = t - mt.reshape(bshape)
+    t_xh = keep(inv.reshape(bshape) * (tc - xh * cmean(t * xh).reshape(bshape)))  # §5.1
+    t_y = t_xh if gamma is None else t_xh * gamma.astype(cd).reshape(bshape)
+    if gamma is not None:
+        t_y = t_y + xh * tg.astype(cd).reshape(bshape)
+    if beta is not None:
+        t_y = t_y + keep(jnp.broadcast_to(tb.astype(cd).reshape(bshape), x.shape))
+    t_mean = mt.astype(mean.dtype)
+    t_var = (2 * cmean(centred * tc)).astype(var.dtype)
+    return (y, mean, var), (t_y.astype(y.dtype), t_mean, t_var)
 
 
 # -- validation ---------------------------------------------------------------------------------
@@ -443,15 +552,23 @@ def batch_norm(
         # reach real outputs or (through 0 * NaN in the backward pass) any gradient.
         x = jnp.where(m, x, jnp.zeros((), x.dtype))
     if training:
-        mean, var, n_eff = batch_stats(
-            x,
-            axis=lay.axis,
-            axis_name=axis_name,
-            axis_index_groups=axis_index_groups,
-            mask=m,
-            use_fast_variance=use_fast_variance,
-        )  # §2.1, §11
-        y = normalize(x, mean, var, arrays["gamma"], arrays["beta"], eps=conv.eps, axis=lay.axis, dtype=dtype)  # §2.2-§2.3
+        if use_fast_variance:
+            # Flax's formula, and Flax's gradient: plain autodiff of the one-pass variance.
+            mean, var, n_eff = batch_stats(
+                x,
+                axis=lay.axis,
+                axis_name=axis_name,
+                axis_index_groups=axis_index_groups,
+                mask=m,
+                use_fast_variance=True,
+            )  # §2.1, §11
+            y = normalize(x, mean, var, arrays["gamma"], arrays["beta"], eps=conv.eps, axis=lay.axis, dtype=dtype)
+        else:
+            groups = None if axis_index_groups is None else tuple(tuple(int(i) for i in g) for g in axis_index_groups)
+            cfg = _TrainConfig(float(conv.eps), lay.axis, axis_name, groups, None if dtype is None else jnp.dtype(dtype))
+            # §2.1-§2.3 forward, §5.1 closed-form derivative
+            y, mean, var = _train_forward(x, arrays["gamma"], arrays["beta"], m, cfg)
+            n_eff = _count(x.shape, m, lay.axis, axis_name, axis_index_groups)  # §11
         if rm is not None:
             new_rm, new_rv = update_running(rm, rv, mean, var, n_eff, convention=conv, count=count)  # §3
         else:

@@ -64,13 +64,18 @@ def load_case_state(m: Any, case: Case, device: Any) -> list[Any]:
     """Put the case's running statistics, step count and affine parameters into a BN module
     (bn-ref's or torch.nn's; same buffer names), set its mode, and return ``[weight, bias]``
     (``[None, None]`` without affine) for :func:`run_with_grad`."""
+    def own(a: np.ndarray, buf: torch.Tensor) -> torch.Tensor:
+        # In the buffer's own dtype (float32 under mixed precision, §8.4): a state fed back from the
+        # previous step is not rounded to T on the way in (the oracle sees it unrounded).
+        return torch.tensor(np.asarray(a, dtype=np.float64), dtype=buf.dtype, device=device)
+
     with torch.no_grad():
-        m.running_mean.copy_(tensor(case.running_mean, case, device))
-        m.running_var.copy_(tensor(case.running_var, case, device))
+        m.running_mean.copy_(own(case.running_mean, m.running_mean))
+        m.running_var.copy_(own(case.running_var, m.running_var))
         m.num_batches_tracked.fill_(case.count)
         if case.affine:
-            m.weight.copy_(tensor(case.gamma, case, device))
-            m.bias.copy_(tensor(case.beta, case, device))
+            m.weight.copy_(own(case.gamma, m.weight))
+            m.bias.copy_(own(case.beta, m.bias))
     m.zero_grad(set_to_none=True)
     m.train(case.training)
     return [m.weight, m.bias] if case.affine else [None, None]
