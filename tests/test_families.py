@@ -131,7 +131,30 @@ def test_merge_joins_rows_totals_and_reasons(oracle_report):
     assert "mindspore has no wheel for Python 3.11" in md
     n_core = len(oracle_report["adapters"])
     assert "## Framework families" in md and f"| core | {n_core} | {merged['totals']['pass']} | 1.5 |" in md
-    assert "| mindspore | 1 | 0 | - | - | no wheel |" in md
+    assert "| mindspore | 1 | 0 | - | - | - | - | no wheel |" in md
+    assert "Sum over the families: 1.5 s of harness time" in md
+
+
+def test_family_table_reports_cpu_load_and_the_whole_run(oracle_report):
+    merged = merge.merge_reports([("core", oracle_report)],
+                                 meta={"core": {"harness_s": 9.0, "cpu_s": 4.5, "env": "core",
+                                                "load_avg_start": [3.1, 2.0, 1.0], "load_avg_end": [4.2, 2.5, 1.1]}})
+    merged["matrix"] = {"wall_s": 9.5, "jobs": 2, "cpu_count": 2, "load_avg_start": [3.1, 2.0, 1.0],
+                        "load_avg_end": [4.2, 2.5, 1.1]}
+    md = merge.family_table(merged)
+    assert "| 9.0 | 4.5 | 3.1 / 4.2 | (core env) |" in md
+    assert "9.5 s wall with `--jobs 2` on 2 CPUs" in md
+
+
+def test_wait_measures_the_child_cpu_seconds():
+    import subprocess
+    import sys
+
+    p = subprocess.Popen([sys.executable, "-c", "import time\nt = time.process_time()\n"
+                          "while time.process_time() - t < 0.3: pass"])
+    rc, cpu = families._wait(p)
+    assert rc == 0 and p.returncode == 0
+    assert cpu is None or 0.25 <= cpu < 5
 
 
 def test_merge_adds_ledger_counts_across_families(oracle_report):
