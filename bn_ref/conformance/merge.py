@@ -109,8 +109,10 @@ def family_table(merged: dict[str, Any]) -> str:
     lines = ["## Framework families", "",
              "Each family runs in its own virtual environment and process (`bn_ref/conformance/families.py`); "
              "`nox -s conformance` runs them all and merges the reports, `nox -s conformance -- --only NAME` "
-             "runs one. Harness time is the family's process, environments already built; install size is "
-             "the family's venv on disk.", "",
+             "runs one. Harness time is the family's process (wall seconds), environments already built; CPU s "
+             "is its user + system time (children included), which a loaded machine does not inflate; JAX's "
+             "persistent compilation cache lives beside the venvs (a cold run compiles every JAX program and "
+             "fills it). Install size is the family's venv on disk.", "",
              "| family | rows | checks passed | harness s | CPU s | load avg (1 min, start / end) | install MB | notes |",
              "|---|---|---|---|---|---|---|---|"]
     tot_h = tot_c = 0.0
