@@ -15,6 +15,11 @@ environment cannot be built, or whose harness writes no report, still yields a r
 adapter factory carrying the reason (:func:`missing_report`), so it is never silently missing.
 :mod:`bn_ref.conformance.merge` merges the family reports into ``conformance/report.json`` and
 ``docs/conformance.md``; ``nox -s conformance`` does all of it (``-- --only NAME`` for one family).
+
+``--jobs N`` runs N families at once (nox passes 2). Each family's meta records its wall seconds,
+its CPU seconds (``os.wait4``: user + system, reaped children included) and the load average at
+its start and end; ``_matrix.meta.json`` records the whole run. JAX's persistent compilation cache
+is kept in ``ENVS/jax-compilation-cache`` (:func:`_jax_cache_env`).
 """
 
 from __future__ import annotations
