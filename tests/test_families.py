@@ -106,6 +106,23 @@ def test_a_family_whose_env_cannot_be_built_yields_a_reasoned_row(tmp_path):
     assert meta["reason"] == row["build_skip"] and meta["reused"] is False
 
 
+
+def test_jobs_runs_families_concurrently_and_records_the_run(tmp_path, monkeypatch):
+    """--jobs 2 on two families sharing one (unbuildable) venv: both get their reasoned report, the
+    shared venv is built under a lock (one at a time), and _matrix.meta.json records the run."""
+    steps = (("--no-index", "--find-links", str(tmp_path), "bn-ref-no-such-package"),)
+    pair = (families.Family("broken-a", ("bn_ref.conformance.adapters.stax_adapter:factory",), steps, env="shared"),
+            families.Family("broken-b", ("bn_ref.conformance.adapters.stax_adapter:factory",), steps, env="shared"))
+    monkeypatch.setattr(families, "FAMILIES", pair)
+    out = tmp_path / "out"
+    assert families.main(["run", "--out", str(out), "--envs", str(tmp_path / "envs"), "--jobs", "2"]) == 0
+    for name in ("broken-a", "broken-b"):
+        (row,) = json.loads((out / f"{name}.json").read_text())["adapters"]
+        assert "bn-ref-no-such-package" in row["build_skip"]
+    run = json.loads((out / families.MATRIX_META).read_text())
+    assert run["families"] == ["broken-a", "broken-b"] and run["jobs"] == 2 and run["wall_s"] >= 0
+
+
 # -- merging -------------------------------------------------------------------------------------
 
 
