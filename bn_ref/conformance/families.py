@@ -223,7 +223,7 @@ def _jax_cache_env(envs: Path) -> dict[str, str]:
     the venvs, a rerun loads the compiled programs instead (measured on stax's rows: 17 -> 6 CPU s).
     Like the venvs it is a build artefact: keyed by the program, the JAX/XLA version and the backend,
     so it never changes a result; a cold run fills it. Set ``JAX_COMPILATION_CACHE_DIR`` yourself
-    to put it elsewhere (or to an empty string to turn it off).
+    to put it elsewhere, ``JAX_ENABLE_COMPILATION_CACHE=false`` to turn it off.
     """
     return {"JAX_COMPILATION_CACHE_DIR": str((envs / "jax-compilation-cache").resolve()),
             "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
