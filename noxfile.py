@@ -58,8 +58,10 @@ def conformance(session: nox.Session) -> None:
     _install(session)
     only, harness = _split_only(list(session.posargs))
     out = os.path.join("conformance", "families")
+    # Two families at a time: each is one mostly single-threaded process (the CI machine has 2 cores).
     session.run("python", "-m", "bn_ref.conformance.families", "run", *only, "--out", out,
-                "--envs", os.path.join(HERE, ".nox"), *[f"--harness-arg={a}" for a in harness])
+                "--envs", os.path.join(HERE, ".nox"), "--jobs", str(min(2, os.cpu_count() or 1)),
+                *[f"--harness-arg={a}" for a in harness])
     merge = ["python", "-m", "bn_ref.conformance.merge", out]
     if only:
         session.run(*merge, "--families", ",".join(only), "--json", os.path.join(out, "merged-only.json"))

@@ -106,6 +106,23 @@ def test_a_family_whose_env_cannot_be_built_yields_a_reasoned_row(tmp_path):
     assert meta["reason"] == row["build_skip"] and meta["reused"] is False
 
 
+
+def test_jobs_runs_families_concurrently_and_records_the_run(tmp_path, monkeypatch):
+    """--jobs 2 on two families sharing one (unbuildable) venv: both get their reasoned report, the
+    shared venv is built under a lock (one at a time), and _matrix.meta.json records the run."""
+    steps = (("--no-index", "--find-links", str(tmp_path), "bn-ref-no-such-package"),)
+    pair = (families.Family("broken-a", ("bn_ref.conformance.adapters.stax_adapter:factory",), steps, env="shared"),
+            families.Family("broken-b", ("bn_ref.conformance.adapters.stax_adapter:factory",), steps, env="shared"))
+    monkeypatch.setattr(families, "FAMILIES", pair)
+    out = tmp_path / "out"
+    assert families.main(["run", "--out", str(out), "--envs", str(tmp_path / "envs"), "--jobs", "2"]) == 0
+    for name in ("broken-a", "broken-b"):
+        (row,) = json.loads((out / f"{name}.json").read_text())["adapters"]
+        assert "bn-ref-no-such-package" in row["build_skip"]
+    run = json.loads((out / families.MATRIX_META).read_text())
+    assert run["families"] == ["broken-a", "broken-b"] and run["jobs"] == 2 and run["wall_s"] >= 0
+
+
 # -- merging -------------------------------------------------------------------------------------
 
 
@@ -131,7 +148,30 @@ def test_merge_joins_rows_totals_and_reasons(oracle_report):
     assert "mindspore has no wheel for Python 3.11" in md
     n_core = len(oracle_report["adapters"])
     assert "## Framework families" in md and f"| core | {n_core} | {merged['totals']['pass']} | 1.5 |" in md
-    assert "| mindspore | 1 | 0 | - | - | no wheel |" in md
+    assert "| mindspore | 1 | 0 | - | - | - | - | no wheel |" in md
+    assert "Sum over the families: 1.5 s of harness time" in md
+
+
+def test_family_table_reports_cpu_load_and_the_whole_run(oracle_report):
+    merged = merge.merge_reports([("core", oracle_report)],
+                                 meta={"core": {"harness_s": 9.0, "cpu_s": 4.5, "env": "core",
+                                                "load_avg_start": [3.1, 2.0, 1.0], "load_avg_end": [4.2, 2.5, 1.1]}})
+    merged["matrix"] = {"wall_s": 9.5, "jobs": 2, "cpu_count": 2, "load_avg_start": [3.1, 2.0, 1.0],
+                        "load_avg_end": [4.2, 2.5, 1.1]}
+    md = merge.family_table(merged)
+    assert "| 9.0 | 4.5 | 3.1 / 4.2 | (core env) |" in md
+    assert "9.5 s wall with `--jobs 2` on 2 CPUs" in md
+
+
+def test_wait_measures_the_child_cpu_seconds():
+    import subprocess
+    import sys
+
+    p = subprocess.Popen([sys.executable, "-c", "import time\nt = time.process_time()\n"
+                          "while time.process_time() - t < 0.3: pass"])
+    rc, cpu = families._wait(p)
+    assert rc == 0 and p.returncode == 0
+    assert cpu is None or 0.25 <= cpu < 5
 
 
 def test_merge_adds_ledger_counts_across_families(oracle_report):

@@ -75,3 +75,26 @@ def test_shipped_ledger_is_bounded():
     entries = load_ledger(default_ledger_path())
     assert entries and all((e.max_units is None) != (e.max_rel is None) for e in entries)
     assert not [e for e in entries if e.adapter.startswith("keras") and "float64" in e.case and e.check == "*"]
+
+
+def test_half_precision_entries_excuse_no_more_than_computing_in_t():
+    """An entry excusing "computes in float16/bfloat16" is bounded by C_ELEM * u_T relative (the
+    derivation in the ledger): a 1 % scale error (float16) or a sign flip (both) must still exceed it."""
+    from bn_ref.conformance.cli import default_ledger_path
+    from bn_ref.tolerances import C_ELEM, tolerance
+
+    half = {"dtype-float16*": "float16", "dtype-bfloat16": "bfloat16"}
+    entries = [e for e in load_ledger(default_ledger_path()) if e.case in half and e.max_rel is not None]
+    assert len(entries) >= 8  # haiku, stax, tinygrad, mlx x 2 dtypes
+    for e in entries:
+        bound = C_ELEM * tolerance(half[e.case]).u
+        assert e.max_rel <= bound * 1.01, (e.adapter, e.case, e.max_rel, bound)
+        assert 2.0 > e.max_rel  # sign flip
+        if half[e.case] == "float16":
+            assert 0.01 > e.max_rel  # 1 % scale error
+
+
+def test_no_family_entry_keeps_a_restated_bound():
+    from bn_ref.conformance.cli import default_ledger_path
+
+    assert not [e.adapter for e in load_ledger(default_ledger_path()) if "Bound restated" in e.reason]

@@ -59,6 +59,9 @@ def _merge_ledger(reports: Sequence[tuple[str, dict[str, Any]]]) -> dict[str, An
     return {"path": path, "entries": list(merged.values())}
 
 
+MATRIX_META = "_matrix.meta.json"  # the same name as families.MATRIX_META (not imported: no cycle)
+
+
 def merge_reports(reports: Sequence[tuple[str, dict[str, Any]]], *,
                   meta: dict[str, dict[str, Any]] | None = None, command: str = "") -> dict[str, Any]:
     """One report from ``(family, report)`` pairs, in the given order.
@@ -106,9 +109,13 @@ def family_table(merged: dict[str, Any]) -> str:
     lines = ["## Framework families", "",
              "Each family runs in its own virtual environment and process (`bn_ref/conformance/families.py`); "
              "`nox -s conformance` runs them all and merges the reports, `nox -s conformance -- --only NAME` "
-             "runs one. Harness time is the family's process, environments already built; install size is "
-             "the family's venv on disk.", "",
-             "| family | rows | checks passed | harness s | install MB | notes |", "|---|---|---|---|---|---|"]
+             "runs one. Harness time is the family's process (wall seconds), environments already built; CPU s "
+             "is its user + system time (children included), which a loaded machine does not inflate; JAX's "
+             "persistent compilation cache lives beside the venvs (a cold run compiles every JAX program and "
+             "fills it). Install size is the family's venv on disk.", "",
+             "| family | rows | checks passed | harness s | CPU s | load avg (1 min, start / end) | install MB | notes |",
+             "|---|---|---|---|---|---|---|---|"]
+    tot_h = tot_c = 0.0
     for fam in merged.get("families", []):
         name = fam["family"]
         rows = [a for a in merged["adapters"] if a.get("family") == name]
@@ -117,8 +124,20 @@ def family_table(merged: dict[str, Any]) -> str:
                                      if fam.get("env", "").rsplit("family-", 1)[-1] not in (name, "core")
                                      and "family-" in fam.get("env", "") else "")
         size = fam.get("install_mb", "-") if fam.get("env") != "core" else "(core env)"
-        lines.append(f"| {name} | {len(rows)} | {passed} | {fam.get('harness_s', '-')} | {size} | "
-                     f"{str(note).replace('|', '/')} |")
+        tot_h += float(fam.get("harness_s") or 0)
+        tot_c += float(fam.get("cpu_s") or 0)
+        load = "-"
+        if fam.get("load_avg_start") and fam.get("load_avg_end"):
+            load = f"{fam['load_avg_start'][0]} / {fam['load_avg_end'][0]}"
+        lines.append(f"| {name} | {len(rows)} | {passed} | {fam.get('harness_s', '-')} | {fam.get('cpu_s', '-')} | "
+                     f"{load} | {size} | {str(note).replace('|', '/')} |")
+    lines += ["", f"Sum over the families: {round(tot_h, 1)} s of harness time, {round(tot_c, 1)} CPU seconds."]
+    run = merged.get("matrix")
+    if run:
+        lines.append(f"The whole run: {run.get('wall_s')} s wall with `--jobs {run.get('jobs')}` on "
+                     f"{run.get('cpu_count')} CPUs, load average {run.get('load_avg_start')} at the start and "
+                     f"{run.get('load_avg_end')} at the end (1, 5, 15 min; other processes share the machine: "
+                     "wall time is CPU time stretched by the load, CPU seconds are not).")
     return "\n".join(lines) + "\n"
 
 
@@ -164,6 +183,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: no family reports in {args.dir}", file=sys.stderr)
         return 2
     merged = merge_reports(reports, meta=meta)
+    run_meta = Path(args.dir) / MATRIX_META
+    if run_meta.is_file() and not args.families:
+        merged["matrix"] = json.loads(run_meta.read_text())
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(merged, indent=1, default=str) + "\n")

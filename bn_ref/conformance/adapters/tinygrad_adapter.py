@@ -16,6 +16,9 @@ import shutil
 from typing import Any
 
 os.environ.setdefault("DEV", "CPU" if shutil.which("clang") else "PYTHON")
+# Compile in this process: tinygrad's default compiles in a pool of spawned workers (one per core),
+# each re-importing tinygrad -- on the 2-core CI machine that costs more than it saves (measured).
+os.environ.setdefault("PARALLEL", "0")
 
 import numpy as np  # noqa: E402
 from tinygrad import Tensor, dtypes, nn  # noqa: E402
@@ -69,13 +72,14 @@ class TinygradAdapter:
             y = bn(x)
             targets = [x] + ([bn.weight, bn.bias] if case.affine else [])
             grads = y.gradient(*targets, gradient=Tensor(np.asarray(case.dy), dtype=y.dtype))
-            out: dict[str, Any] = {"y": as_f64(y.float().numpy() if case.dtype != "float64" else y.numpy()),
-                                   "dx": as_f64(grads[0].cast(dtypes.float64).numpy())}
-            if case.affine:
-                out["dgamma"] = as_f64(grads[1].cast(dtypes.float64).numpy())
-                out["dbeta"] = as_f64(grads[2].cast(dtypes.float64).numpy())
-            out["running_mean"] = as_f64(bn.running_mean.cast(dtypes.float64).numpy())
-            out["running_var"] = as_f64(bn.running_var.cast(dtypes.float64).numpy())
+            # Every output is cast to a NumPy-readable dtype that holds it exactly (float32 holds every
+            # float16/bfloat16 value) and all are realized in ONE schedule: realizing them one by one
+            # re-schedules the shared graph each time (the bulk of this family's time, measured).
+            wide = dtypes.float64 if case.dtype == "float64" else dtypes.float32
+            keys = ["y", "dx"] + (["dgamma", "dbeta"] if case.affine else []) + ["running_mean", "running_var"]
+            tensors = [t.cast(wide) for t in [y, *grads, bn.running_mean, bn.running_var]]
+            Tensor.realize(*tensors)
+            out: dict[str, Any] = {k: as_f64(t.numpy()) for k, t in zip(keys, tensors)}
         return out
 
 
