@@ -74,3 +74,26 @@ def test_lenet_variant_layers_and_state():
     assert set(lenet(variant=Variant(ghost_batch_size=4)).state_dict()) == plain
     with pytest.raises(ValueError, match="variant needs bn='ref'"):
         lenet(bn="native", variant=Variant(ghost_batch_size=4))
+
+
+def test_one_sample_ghost_batch_is_refused_before_training(tmp_path, capsys):
+    """192 images at batch 64 with ghost batches of 7: 64 % 7 = 1 leaves a one-sample ghost batch,
+    an error under PyTorch's n = 1 rule (spec §7.1) -- refused before any file is written."""
+    out = tmp_path / "run"
+    assert _train(out, "--epochs", "1", "--bn-variant", "ghost", "--ghost-batch-size", "7") == 2  # a settings error
+    assert "ghost batch of 1 sample" in capsys.readouterr().err
+    assert not (out / "checkpoint.npz").exists()
+
+
+def test_ghost_split_rule_follows_the_convention():
+    from bn_ref.apps.training.config import TrainConfig
+
+    def cfg(convention: str, g: int) -> TrainConfig:
+        return TrainConfig(backend="torch", convention=convention, batch_size=16, bn_variant="ghost", ghost_batch_size=g)
+
+    with pytest.raises(ValueError, match="ghost batch of 1 sample in a batch of 16"):
+        cfg("pytorch", 5).check_ghost_split(160)
+    with pytest.raises(ValueError, match="in a batch of 1 "):  # the last, shorter batch: 49 % 16 = 1
+        cfg("pytorch", 4).check_ghost_split(49)
+    cfg("pytorch", 4).check_ghost_split(50)      # 16 = 4 x 4, last batch 2: no one-sample ghost batch
+    cfg("flax", 5).check_ghost_split(160)        # Flax allows n = 1 (spec §7.1)

@@ -133,6 +133,28 @@ class TrainConfig:
             return Variant(ghost_batch_size=g)
         return None
 
+    def check_ghost_split(self, n_train: int) -> None:
+        """Reject a ghost split that leaves a one-sample ghost batch under a convention for which
+        n = 1 is an error (spec §7.1, §14.1) -- before training starts, not in the last step.
+
+        LeNet's fully connected BN layers reduce over the samples only, so a trailing ghost batch of
+        one sample (``batch % g == 1``, or the epoch's last, shorter batch) has n = 1.
+        """
+        from ...conventions import get_convention
+
+        variant = self.variant()
+        if variant is None or variant.ghost_batch_size is None:
+            return
+        g = variant.ghost_batch_size
+        convention = get_convention(self.effective_convention)
+        for b in sorted({self.batch_size, n_train % self.batch_size} - {0}):
+            if b % g and convention.rejects_batch(b % g, training=True):
+                raise ValueError(
+                    f"--ghost-batch-size {g} leaves a ghost batch of 1 sample in a batch of {b} "
+                    f"({n_train} training images, --batch-size {self.batch_size}); convention "
+                    f"{convention.name!r} rejects n = 1 (spec §7.1): choose another ghost batch size"
+                )
+
     @property
     def effective_convention(self) -> str:
         return self.convention or default_convention(self.backend)

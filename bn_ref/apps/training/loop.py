@@ -161,6 +161,7 @@ def train(config: TrainConfig, *, log: Log | None = None) -> dict[str, Any]:
     ckpt = read_resume_checkpoint(config) if config.resume else None
     try:
         raw, ds = load_raw(config)  # raises DataError before anything is written
+        config.check_ghost_split(len(raw[0]))
         log(ds.describe())
         settings = trajectory_settings(config, ds.md5)
         if ckpt is not None:
@@ -212,7 +213,8 @@ def run_loop(
         log(f"resumed from {ckpt_path} after epoch {resume_from.epoch}")
     if not segments or segments[-1]["settings"] != dict(settings):
         segments.append({"first_epoch": start, "settings": dict(settings)})
-    desc = f"{config.backend} bn={config.bn} convention={config.effective_convention} on {trainer.device_name}"
+    variant = "" if config.bn_variant == "plain" else f" variant={config.variant()}"
+    desc = f"{config.backend} bn={config.bn}{variant} convention={config.effective_convention} on {trainer.device_name}"
     log(f"training LeNet ({desc}); {len(xtr)} train / {len(xte)} test images, batch {config.batch_size}, lr {config.lr}")
     saved = start - 1
     try:
