@@ -120,7 +120,7 @@ class BatchNorm(nnx.Module):
         self.var = nnx.BatchStat(jnp.ones(shape, param_dtype)) if tracked else None
         if tracked and self.convention.momentum is None:
             self.count = nnx.BatchStat(jnp.zeros((), jnp.float32))
-        if separate_renorm_pair(variant, conv):  # §13.3: the correction pair, started as linen starts it
+        if variant is not None and separate_renorm_pair(variant, conv):  # §13.3: the pair, started as linen starts it
             start = RenormState.from_running(jnp.zeros(shape, param_dtype), jnp.ones(shape, param_dtype), variant, conv.eps)
             self.renorm_mean = nnx.BatchStat(start.mean.astype(param_dtype))
             self.renorm_stat = nnx.BatchStat(start.stat.astype(param_dtype))
@@ -172,7 +172,7 @@ class BatchNorm(nnx.Module):
                 count=count,
                 dtype=self.dtype,
             )
-            if not use_ra and self.mean is not None and self.variant.frozen == "no":  # §3.6, §15
+            if not use_ra and self.mean is not None and self.var is not None and self.variant.frozen == "no":  # §3.6, §15
                 self.mean[...] = jnp.asarray(out.running_mean).astype(self.mean[...].dtype)
                 self.var[...] = jnp.asarray(out.running_var).astype(self.var[...].dtype)
                 if has_count:
@@ -198,6 +198,7 @@ class BatchNorm(nnx.Module):
             use_fast_variance=self.use_fast_variance,
         )
         if not use_ra:
+            assert self.mean is not None and self.var is not None  # plain BN always tracks (variant=None)
             self.mean[...] = new_mean.astype(self.mean[...].dtype)
             self.var[...] = new_var.astype(self.var[...].dtype)
             if has_count:

@@ -240,6 +240,7 @@ class BatchNorm(nn.Module):
             self.running_var.fill_(1.0)
             self.num_batches_tracked.zero_()
         if self._has_renorm_pair():
+            assert self._variant is not None  # a renorm pair exists only with a variant
             init = RenormState.from_running(self.running_mean, self.running_var, self._variant, self.eps)
             self.renorm_mean.copy_(init.mean)
             self.renorm_stat.copy_(init.stat)
@@ -275,6 +276,7 @@ class BatchNorm(nn.Module):
         if self._has_renorm_pair():
             # A checkpoint of the plain layer (or of torch.nn's) has no correction pair: start it
             # from the loaded running pair, as a fresh renorm layer starts it from its own (§13.3).
+            assert self._variant is not None  # a renorm pair exists only with a variant
             rm_key, rv_key = prefix + "running_mean", prefix + "running_var"
             if prefix + "renorm_mean" not in state_dict and prefix + "renorm_stat" not in state_dict \
                     and rm_key in state_dict and rv_key in state_dict:

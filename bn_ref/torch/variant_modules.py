@@ -73,7 +73,7 @@ class FrozenBatchNorm2d(nn.Module):
         self.num_features = _checks.check_num_features(num_features)
         if not isinstance(eps, numbers.Real) or isinstance(eps, bool) or not math.isfinite(eps) or eps < 0:
             raise ValueError(f"eps must be a finite real number >= 0; got {eps!r}")
-        self.eps = float(eps)
+        self.eps: float = float(eps)
         self.register_buffer("weight", torch.ones(self.num_features))
         self.register_buffer("bias", torch.zeros(self.num_features))
         self.register_buffer("running_mean", torch.zeros(self.num_features))

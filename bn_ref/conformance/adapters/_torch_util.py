@@ -70,10 +70,12 @@ def load_case_state(m: Any, case: Case, device: Any) -> list[Any]:
         return torch.tensor(np.asarray(a, dtype=np.float64), dtype=buf.dtype, device=device)
 
     with torch.no_grad():
+        assert case.running_mean is not None and case.running_var is not None  # a tracked module's case
         m.running_mean.copy_(own(case.running_mean, m.running_mean))
         m.running_var.copy_(own(case.running_var, m.running_var))
         m.num_batches_tracked.fill_(case.count)
         if case.affine:
+            assert case.gamma is not None and case.beta is not None
             m.weight.copy_(own(case.gamma, m.weight))
             m.bias.copy_(own(case.beta, m.bias))
     m.zero_grad(set_to_none=True)
