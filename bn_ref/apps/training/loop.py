@@ -213,7 +213,10 @@ def run_loop(
         log(f"resumed from {ckpt_path} after epoch {resume_from.epoch}")
     if not segments or segments[-1]["settings"] != dict(settings):
         segments.append({"first_epoch": start, "settings": dict(settings)})
-    variant = "" if config.bn_variant == "plain" else f" variant={config.variant()}"
+    variant = ""
+    if config.bn_variant != "plain":
+        v = config.variant()
+        variant = f" variant={config.bn_variant}" + (f"({v.ghost_batch_size})" if v is not None and v.ghost_batch_size else "")
     desc = f"{config.backend} bn={config.bn}{variant} convention={config.effective_convention} on {trainer.device_name}"
     log(f"training LeNet ({desc}); {len(xtr)} train / {len(xte)} test images, batch {config.batch_size}, lr {config.lr}")
     saved = start - 1
