@@ -114,6 +114,7 @@ def launch(config: Any, log: Callable[[str], None]) -> dict[str, Any]:
     out = Path(config.out)
     tmp = Path(tempfile.mkdtemp(prefix="bn-ref-ddp-"))
     procs: list[subprocess.Popen] = []
+    stderr_files: list[Any] = []
     t_start = time.time()
     try:
         np.savez(tmp / "data.npz", xtr=raw[0], ytr=raw[1], xte=raw[2], yte=raw[3])
@@ -130,11 +131,16 @@ def launch(config: Any, log: Callable[[str], None]) -> dict[str, Any]:
         )
         env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // n)))
         for rank in range(n):
+            # A worker's stderr goes to a file, not the console: when one worker fails and the others
+            # are killed mid-collective, the C++ runtime's last words ("terminate called ...") would
+            # otherwise interleave with the one-line error; they are kept in the worker's log.
+            stderr_files.append(open(tmp / f"worker-{rank}.stderr", "w"))  # noqa: SIM115 - closed in finally
             procs.append(
                 subprocess.Popen(
                     [sys.executable, "-m", "bn_ref.apps.training.ddp", str(spec)],
                     env={**env, "RANK": str(rank), "LOCAL_RANK": str(rank)},
                     stdin=subprocess.DEVNULL,
+                    stderr=stderr_files[-1],
                 )
             )
         failed: tuple[int, int] | None = None
@@ -158,13 +164,21 @@ def launch(config: Any, log: Callable[[str], None]) -> dict[str, Any]:
             for p in procs:  # the others would wait in a collective until the timeout
                 if p.poll() is None:
                     p.kill()
-            err = tmp / f"worker-{rank}.log"
+            for p in procs:
+                p.wait()
+            for f in stderr_files:
+                f.close()
+            err, stderr_path = tmp / f"worker-{rank}.log", tmp / f"worker-{rank}.stderr"
             what = f"killed by signal {signal.Signals(-code).name}" if code < 0 else f"exit status {code}"
-            detail = _last_line(err)
+            detail = _last_line(err) or _last_line(stderr_path)
+            stderr_text = stderr_path.read_text(errors="replace") if stderr_path.is_file() else ""
             where = ""
-            if err.is_file():
+            if err.is_file() or stderr_text.strip():
                 make_out_dir(out)
-                shutil.copyfile(err, out / err.name)
+                text = err.read_text(errors="replace") if err.is_file() else ""
+                if stderr_text.strip():
+                    text += "\n--- the worker's stderr ---\n" + stderr_text
+                (out / err.name).write_text(text)
                 where = f" (traceback in {out / err.name})"
             raise WorkerError(f"data-parallel worker rank {rank} of {n} failed ({what})" + (f": {detail}" if detail else "") + where)
     finally:
@@ -172,6 +186,8 @@ def launch(config: Any, log: Callable[[str], None]) -> dict[str, Any]:
             if p.poll() is None:
                 p.kill()
             p.wait()
+        for f in stderr_files:
+            f.close()
         shutil.rmtree(tmp, ignore_errors=True)
     return json.loads((out / "metrics.json").read_text())
 
