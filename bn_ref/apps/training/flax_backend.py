@@ -83,6 +83,7 @@ class Trainer:
         self.device = resolve_device(config.device)
         self.device_name = device_label(self.device)
         self.model = LeNet(bn=config.bn, convention=config.effective_convention, variant=config.variant())
+        self.eval_model = self.model  # the data-parallel trainer evaluates without its axis_name
         with jax.default_device(self.device):
             variables = self.model.init(jax.random.PRNGKey(config.seed), jnp.zeros((2, 28, 28, 1), jnp.float32), train=False)
         self.params = variables["params"]
@@ -122,7 +123,7 @@ class Trainer:
 
     def _eval_batch(self, params, stats, xb, yb):
         variables = {"params": params, **({"batch_stats": stats} if stats else {})}
-        logits = self.model.apply(variables, xb, train=False)
+        logits = self.eval_model.apply(variables, xb, train=False)
         return jnp.sum(jnp.argmax(logits, -1) == yb)
 
     # -- the loop -----------------------------------------------------------------------------
@@ -303,11 +304,6 @@ class ShardedTrainer(Trainer):
     def _scan_sharded(self, carry, x_all, y_all, idx, mask):
         carry, _ = jax.lax.scan(partial(self._sharded_step, x_all, y_all), carry, (idx, mask))
         return carry
-
-    def _eval_batch(self, params, stats, xb, yb):
-        variables = {"params": params, **({"batch_stats": stats} if stats else {})}
-        logits = self.eval_model.apply(variables, xb, train=False)
-        return jnp.sum(jnp.argmax(logits, -1) == yb)
 
     # -- the loop -----------------------------------------------------------------------------
 
